@@ -1,0 +1,437 @@
+"""Typed, frozen configuration of one distillation run, the paper's presets, overrides.
+
+One `DistillConfig` describes a run completely. The six `configs_final` settings of the
+original code are named presets (`PRESETS`), fixed where the released files were broken
+(rcig-algorithm.md §11.1/E7: `pool_model_count` is 30 and `pool_train_batch_size` is
+None for `cifar100_50` and `depth_4_big`). A seventh preset, `digits`, is this project's
+embedded default: a small network sized so a run finishes in minutes on 2 CPU cores.
+
+Overrides use dotted names: ``apply_overrides(cfg, {"inner.n_steps": 10})`` or
+``apply_overrides(cfg, ["inner.n_steps=10"])``. An unknown key or a value of the wrong
+type raises `ConfigError` naming the key.
+
+Example:
+    >>> cfg = make_config(dataset="digits", ipc=1, overrides=["steps=50"])
+    >>> cfg.steps, cfg.model.width
+    (50, 32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Mapping, Sequence
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """ConvNet of rcig-algorithm.md §2 (FRePo's doubling-width variant)."""
+
+    width: int = 128
+    depth: int | None = None  # None: from the image side (8->2, 28/32->3, 64->4, 128->5)
+    softplus_temp: float = 60.0  # 0 means ReLU; evaluation always uses ReLU
+    normalization: Literal["identity"] = "identity"
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """Inner KRR problem and its Adam optimisation (§4)."""
+
+    n_steps: int = 20
+    lr: float = 1e-5  # start of the LR search, or the fixed value with lr_tune.skip
+    train_batch_size: int | None = None  # §5.6 `inner_train_batch_size`
+
+
+@dataclass(frozen=True)
+class HinvConfig:
+    """Hessian-inverse-vector product solve (§5.3)."""
+
+    n_steps: int = 20
+    lr: float = 5e-5
+    batch_size: int | None = None  # §5.6 `hinv_batch_size`
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    """Outer (meta) step, coreset optimiser and EMA (§5, §6)."""
+
+    real_batch_size: int = 1024
+    l2_rate: float = 5e-4  # lambda = l2_rate * N (N un-flipped images)
+    proto_lr: float = 3e-3  # AdaBelief on x_proto and y_proto
+    temp_lr: float = 3e-2  # AdaBelief on log_temp
+    ema_decay: float = 0.99
+    use_flip: bool = True
+    learn_labels: bool = True
+    label_margin: bool = True
+    normal_repeats: int = 1
+    direct_support_batch: int | None = None  # §5.6 direct_batch_sizes[0]
+    direct_real_batch: int | None = None  # §5.6 direct_batch_sizes[1]
+    implicit_batch_size: int | None = None
+    do_precompute: bool = False
+    max_forward_batch_size: int | None = None
+    solve: Literal["lu", "cholesky"] = "lu"  # E15: LU is the original's
+    init: Literal["real", "noise"] = "real"  # §1.3
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Model pool trained online on the distilled set (§7)."""
+
+    model_count: int = 30
+    max_online_steps: int = 100
+    n_max_steps: int = 16  # exclusive upper bound: s ~ U{1..15}
+    lr: float = 5e-5
+    train_batch_size: int | None = None  # E7/E8: None (full batch) for every preset
+
+
+@dataclass(frozen=True)
+class LRTuneConfig:
+    """Learning-rate search before training and online adaptation (§8)."""
+
+    skip: bool = False
+    growth: float = 1.2
+    backoff: float = 0.7
+    max_probes: int = 80
+    adapt_every: int = 50
+    fail_fraction: float = 0.29
+    monotonic_fraction: float = 0.7
+    decrease: float = 0.9
+    increase: float = 1.05
+
+
+@dataclass(frozen=True)
+class FaithfulConfig:
+    """Switches that reproduce quirks of the original code (§13).
+
+    dense_kernel_tangent (E1): "frozen" keeps the final Dense-kernel tangent at 0 in the
+      inner loop (recommended; matches reference `varB/`); "ascent" replicates the
+      original's raw-gradient ascent step on it (matches reference `out/`). The H-solve
+      and the implicit gradient always use the full tangent tree, as the original does.
+    inner_opt_state (E2): inherit the pool model's Adam step count for the inner Adam and
+      let the base parameters drift by their leftover Adam momentum during the inner loop.
+    """
+
+    dense_kernel_tangent: Literal["frozen", "ascent"] = "frozen"
+    inner_opt_state: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol (§10)."""
+
+    runs: int = 5
+    lr: float = 1e-4
+    protocol: Literal["rcig", "noaug"] = "rcig"
+    aug: str = "flip_color_crop_rotate_translate_cutout"
+    steps: int | None = None  # None: the spec's T (1000 if N == 10 else 2000)
+    baseline: bool = True
+    width: int | None = None  # None: same as model.width
+    batch_size: int = 256
+    test_batch_size: int = 1000
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoint policy; intervals in steps and/or seconds (0 disables that trigger)."""
+
+    every_steps: int = 50
+    every_seconds: float = 0.0
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything one distillation run depends on."""
+
+    dataset: str = "digits"
+    ipc: int = 1
+    seed: int = 0
+    steps: int = 300
+    preset: str = "digits"
+    data_dir: str | None = None
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    loop: Literal["auto", "unroll", "scan"] = "auto"  # inner/H-solve loop form
+    log_every: int = 10
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    hinv: HinvConfig = field(default_factory=HinvConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    lr_tune: LRTuneConfig = field(default_factory=LRTuneConfig)
+    faithful: FaithfulConfig = field(default_factory=FaithfulConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    # ---- serialisation -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DistillConfig":
+        return _from_dict(cls, d, prefix="")
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the resolved config (used for trial identity)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:10]
+
+
+# ---- the paper's presets (rcig-algorithm.md §11.1), and the embedded default -------
+_FULL_AUG = "flip_color_crop_rotate_translate_cutout"
+
+PRESETS: dict[str, DistillConfig] = {
+    "depth_3": DistillConfig(preset="depth_3", steps=10000),
+    "depth_3_no_flip": DistillConfig(
+        preset="depth_3_no_flip",
+        steps=10000,
+        outer=OuterConfig(use_flip=False),
+        eval=EvalConfig(aug="crop_rotate_translate_cutout"),
+    ),
+    "cifar100_50": DistillConfig(
+        preset="cifar100_50",
+        steps=10000,
+        inner=InnerConfig(train_batch_size=2000),
+        hinv=HinvConfig(batch_size=2000),
+        outer=OuterConfig(
+            use_flip=False,
+            normal_repeats=2,
+            direct_support_batch=2000,
+            implicit_batch_size=2000,
+            do_precompute=True,
+            max_forward_batch_size=2000,
+        ),
+    ),
+    "depth_4_200": DistillConfig(
+        preset="depth_4_200",
+        steps=5000,
+        model=ModelConfig(softplus_temp=0.0),
+        outer=OuterConfig(direct_real_batch=400, do_precompute=True, max_forward_batch_size=400),
+    ),
+    "depth_4_big": DistillConfig(
+        preset="depth_4_big",
+        steps=10000,
+        model=ModelConfig(softplus_temp=0.0),
+        inner=InnerConfig(train_batch_size=500),
+        hinv=HinvConfig(batch_size=500),
+        outer=OuterConfig(
+            use_flip=False,
+            direct_support_batch=500,
+            direct_real_batch=256,
+            implicit_batch_size=500,
+            do_precompute=True,
+            max_forward_batch_size=500,
+        ),
+    ),
+    "depth_5": DistillConfig(
+        preset="depth_5",
+        steps=10000,
+        model=ModelConfig(softplus_temp=0.0),
+        outer=OuterConfig(
+            l2_rate=0.05, direct_real_batch=256, do_precompute=True, max_forward_batch_size=256
+        ),
+    ),
+    # Embedded default for 8x8 digits on a laptop: depth 2 (8 -> 12 with the 1-channel
+    # padding rule -> 6 -> 3), width 32, real batch 256, a 10-model pool, no flips
+    # (digits are not mirror-symmetric), digit-safe augmentations for evaluation.
+    "digits": DistillConfig(
+        preset="digits",
+        steps=300,
+        model=ModelConfig(width=32),
+        outer=OuterConfig(real_batch_size=256, use_flip=False),
+        pool=PoolConfig(model_count=10),
+        eval=EvalConfig(aug="crop_rotate_translate_cutout", batch_size=256),
+        checkpoint=CheckpointConfig(every_steps=50),
+    ),
+}
+
+# Which preset each dataset uses by default (readme mapping, §11.2).
+DATASET_PRESETS: dict[str, str] = {
+    "digits": "digits",
+    "mnist": "depth_3_no_flip",
+    "fashion_mnist": "depth_3_no_flip",
+    "cifar10": "depth_3",
+    "cifar100": "depth_3",
+    "tiny_imagenet": "depth_4_200",
+    "npz": "depth_3",
+}
+
+
+def default_preset(dataset: str, ipc: int) -> str:
+    if dataset == "cifar100" and ipc >= 50:
+        return "cifar100_50"
+    if dataset == "tiny_imagenet" and ipc >= 10:
+        return "depth_4_big"
+    return DATASET_PRESETS.get(dataset, "depth_3")
+
+
+def make_config(
+    dataset: str = "digits",
+    ipc: int = 1,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    **top: Any,
+) -> DistillConfig:
+    """Build a config from a preset (default: the dataset's), top-level fields, overrides."""
+    name = preset or default_preset(dataset, ipc)
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    cfg = replace(PRESETS[name], dataset=dataset, ipc=ipc)
+    if top:
+        cfg = apply_overrides(cfg, top)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+# ---- overrides ---------------------------------------------------------------------
+def parse_override_strings(items: Sequence[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> {"a.b": "1", "c": "x"} (values converted later, by type)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{item!r}: an override must look like key=value (e.g. inner.n_steps=10)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def apply_overrides(cfg: DistillConfig, overrides: Mapping[str, Any] | Sequence[str]) -> DistillConfig:
+    if not isinstance(overrides, Mapping):
+        overrides = parse_override_strings(list(overrides))
+    for key, value in overrides.items():
+        cfg = _set_path(cfg, key.split("."), value, full_key=key)
+    return cfg
+
+
+def _set_path(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
+    names = {f.name: f for f in fields(obj)}
+    head = path[0]
+    if head not in names:
+        raise ConfigError(
+            f"{full_key}: unknown config key {head!r} in {type(obj).__name__}; "
+            f"known: {', '.join(sorted(names))}"
+        )
+    f = names[head]
+    hints = typing.get_type_hints(type(obj))
+    if len(path) == 1:
+        if dataclasses.is_dataclass(hints[head]) and not isinstance(value, Mapping):
+            raise ConfigError(f"{full_key}: is a section; set one of its fields, e.g. {full_key}.<field>=...")
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(hints[head]):
+            sub = getattr(obj, head)
+            for k, v in value.items():
+                sub = _set_path(sub, [k], v, full_key=f"{full_key}.{k}")
+            return replace(obj, **{head: sub})
+        return replace(obj, **{head: coerce(hints[head], value, full_key)})
+    sub = getattr(obj, head)
+    if not dataclasses.is_dataclass(sub):
+        raise ConfigError(f"{full_key}: {head!r} is a value, not a section")
+    return replace(obj, **{head: _set_path(sub, path[1:], value, full_key)})
+
+
+def coerce(tp: Any, value: Any, key: str) -> Any:
+    """Convert `value` (a Python value or a string from the command line) to type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, Mapping):
+            return _from_dict(tp, value, prefix=key + ".")
+        raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _from_dict(cls: Any, d: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown config key in {cls.__name__}")
+        kwargs[k] = coerce(hints[k], v, prefix + k)
+    return cls(**kwargs)
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    checks = [
+        (cfg.ipc >= 1, "ipc", "must be >= 1"),
+        (cfg.steps >= 0, "steps", "must be >= 0"),
+        (cfg.inner.n_steps >= 1, "inner.n_steps", "must be >= 1"),
+        (cfg.hinv.n_steps >= 1, "hinv.n_steps", "must be >= 1"),
+        (cfg.outer.real_batch_size >= 1, "outer.real_batch_size", "must be >= 1"),
+        (cfg.pool.model_count >= 1, "pool.model_count", "must be >= 1"),
+        (cfg.pool.n_max_steps >= 2, "pool.n_max_steps", "must be >= 2 (exclusive bound)"),
+        (cfg.outer.normal_repeats >= 1, "outer.normal_repeats", "must be >= 1"),
+        (cfg.model.width >= 1, "model.width", "must be >= 1"),
+        (cfg.eval.runs >= 1, "eval.runs", "must be >= 1"),
+        (cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1"),
+        (cfg.log_every >= 1, "log_every", "must be >= 1"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {cfg.preset!r}")
