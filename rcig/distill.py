@@ -1,0 +1,286 @@
+"""A whole distillation run, resumable: `run_distillation(cfg, out_uri)`.
+
+Writes to `out_uri` (local path, file:// or gs://):
+    config.json      the resolved config
+    metrics.jsonl    one JSON object per outer step: {"step": s, "outer/loss": ..., ...}
+    checkpoints/     Orbax checkpoints of the whole state (rcig.checkpoint)
+    tuning.json      the LR search result (also inside the state)
+    distilled.npz, distilled.png, eval.json   at the end
+
+Init order (resume by rerunning the same command):
+    1. this run folder's own latest committed checkpoint (its config must match), else
+    2. a fresh state: real images per class, LR search (§8.2), checkpoint at step 0,
+       so a restart never re-tunes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax
+import numpy as np
+
+from rcig import export, storage
+from rcig.config import DistillConfig, validate
+
+EXIT_PREEMPTED = 75
+
+
+class NonFiniteError(FloatingPointError):
+    """A metric became NaN/Inf; the message names the step and the metric."""
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked (e.g. --restart over checkpoints without --force)."""
+
+
+@dataclass
+class RunResult:
+    out_uri: str
+    status: str  # "completed" | "preempted"
+    step: int
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    eval: dict | None = None
+    checkpoint_step: int | None = None
+    wall_s: float = 0.0
+    resumed_from: int | None = None
+    tuning: dict | None = None
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled and sys.stderr.isatty()
+        self.plain = enabled and not self.enabled
+        self.t_last, self.s_last = time.perf_counter(), None
+
+    def update(self, s: int, m: dict[str, float]) -> None:
+        now = time.perf_counter()
+        rate = 0.0
+        if self.s_last is not None and now > self.t_last:
+            rate = (s - self.s_last) / (now - self.t_last)
+        line = f"step {s}/{self.total}  loss {m.get('outer/loss', float('nan')):.4f}  acc {m.get('outer/acc', float('nan')):.3f}  {rate:.2f} steps/s"
+        if self.enabled:
+            done = int(30 * s / max(self.total, 1))
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] {line}", end="", file=sys.stderr, flush=True)
+        elif self.plain:
+            print(line, file=sys.stderr, flush=True)
+        self.t_last, self.s_last = now, s
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _load_metrics(uri: str, upto: int) -> list[dict]:
+    if not storage.exists(uri):
+        return []
+    rows = []
+    for line in storage.read_text(uri).splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line from a kill mid-write
+        if row.get("step", 0) <= upto:
+            rows.append(row)
+    return rows
+
+
+def _write_metrics(uri: str, rows: list[dict]) -> None:
+    storage.write_text(uri, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def run_distillation(
+    cfg: DistillConfig,
+    out_uri: str,
+    *,
+    restart: bool = False,
+    force: bool = False,
+    run_eval: bool = True,
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+    progress: bool = True,
+    devices: list | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunResult:
+    """Distill `cfg` into `out_uri`, resuming from its latest checkpoint if there is one.
+
+    Example:
+        >>> cfg = make_config("digits", 1, overrides=["steps=20"])
+        >>> res = run_distillation(cfg, "runs/demo")
+        >>> res.status, res.eval["mean"] > res.eval["baseline"]["mean"]
+    """
+    from rcig.checkpoint import CheckpointStore
+    from rcig.data import init_proto_indices, load_dataset, real_batch_indices, shifted_one_hot
+    from rcig.engine import Engine
+
+    validate(cfg)
+    t_start = time.perf_counter()
+    out = storage.normalize(out_uri)
+    storage.makedirs(out)
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    n_images = cfg.ipc * ds.num_classes
+    engine = Engine(cfg, ds.image_shape, ds.num_classes, devices=devices)
+    cfg_dict = cfg.to_dict()
+
+    if restart:
+        _clear_for_restart(out, force)
+    store = CheckpointStore(out, keep=cfg.checkpoint.keep)
+    latest = store.latest_step()
+
+    def batch_for(s: int):
+        idx = real_batch_indices(cfg.seed, s, len(ds.x_train), cfg.outer.real_batch_size)
+        return engine.put_batch(ds.x_train[idx], shifted_one_hot(ds.y_train[idx], ds.num_classes))
+
+    tuning = None
+    if latest is not None:
+        store.check_config(cfg_dict)
+        state, _ = store.restore(engine.abstract_state(n_images), latest)
+        start = int(state["step"])
+    else:
+        key = jax.random.PRNGKey(cfg.seed)
+        idx = init_proto_indices(ds.y_train, ds.num_classes, cfg.ipc, cfg.seed)
+        if cfg.outer.init == "noise":
+            x0 = 0.3 * np.random.default_rng(cfg.seed).standard_normal((n_images, *ds.image_shape)).astype(np.float32)
+        else:
+            x0 = ds.x_train[idx]
+        y0 = shifted_one_hot(ds.y_train[idx], ds.num_classes)
+        inner_lr, hvp_lr = cfg.inner.lr, cfg.hinv.lr
+        if not cfg.lr_tune.skip:
+            coreset = {"x": np.asarray(x0, np.float32), "y": y0, "log_temp": np.float32(0.0)}
+            tuning = engine.tune_learning_rates(coreset, batch_for(0), jax.random.fold_in(key, 1), inner_lr, hvp_lr)
+            inner_lr, hvp_lr = tuning["inner"], tuning["hvp"]
+            export.write_json(storage.join(out, "tuning.json"), tuning)
+        state = engine.init_state(x0, y0, key, inner_lr, hvp_lr)
+        start = 0
+        store.save(0, state, cfg_dict, force=True)
+    storage.write_text(storage.join(out, "config.json"), cfg.to_json() + "\n")
+
+    metrics_uri = storage.join(out, "metrics.jsonl")
+    rows = _load_metrics(metrics_uri, start)
+    _write_metrics(metrics_uri, rows)
+    local = not storage.is_remote(out)
+    flushed = len(rows)
+
+    def flush() -> None:
+        nonlocal flushed
+        if local:
+            with open(metrics_uri, "a") as f:
+                for r in rows[flushed:]:
+                    f.write(json.dumps(r, sort_keys=True) + "\n")
+        else:
+            _write_metrics(metrics_uri, rows)
+        flushed = len(rows)
+
+    bar = _Progress(cfg.steps, progress)
+    last_ckpt_step, last_ckpt_time = start, clock()
+    status = "completed"
+    pending = None  # (step, device metrics, wall time of dispatch)
+    t_prev = time.perf_counter()
+    s = start
+
+    from rcig.checkpoint import should_save
+
+    def consume(p) -> dict[str, float]:
+        nonlocal t_prev
+        s_done, m_dev = p
+        m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
+        now = time.perf_counter()
+        m["time/step_s"] = now - t_prev
+        t_prev = now
+        bad = [k for k, v in m.items() if not math.isfinite(v)]
+        if bad:
+            flush()
+            raise NonFiniteError(f"step {s_done}: non-finite {', '.join(sorted(bad))}; stopping (last checkpoint: step {store.latest_step()})")
+        rows.append({"step": s_done, **m})
+        if s_done % cfg.log_every == 0 or s_done == cfg.steps:
+            if on_metrics:
+                on_metrics(s_done, m)
+            bar.update(s_done, m)
+        return m
+
+    last_metrics: dict[str, float] = {}
+    next_batch = batch_for(start) if start < cfg.steps else None
+    while s < cfg.steps:
+        batch = next_batch
+        state, m_dev = engine.step(state, batch)
+        s += 1
+        next_batch = batch_for(s) if s < cfg.steps else None  # host work overlaps the step
+        if pending is not None:
+            last_metrics = consume(pending)
+        pending = (s, m_dev)
+        stop = bool(stop_requested and stop_requested())
+        if stop or should_save(s, clock(), last_ckpt_step, last_ckpt_time, cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds):
+            last_metrics = consume(pending)
+            pending = None
+            flush()
+            store.save(s, state, cfg_dict, force=True)
+            last_ckpt_step, last_ckpt_time = s, clock()
+            if stop:
+                store.wait()  # the notice grace period is short: commit before returning
+            if on_checkpoint:
+                on_checkpoint(s)  # save started; Orbax commits it before the next one starts
+        if stop:
+            status = "preempted"
+            break
+    if pending is not None:
+        last_metrics = consume(pending)
+    flush()
+    bar.close()
+
+    if status == "preempted":
+        store.wait()
+        store.close()
+        return RunResult(out, status, s, last_metrics, None, store.latest_step(), time.perf_counter() - t_start,
+                         resumed_from=start if latest is not None else None, tuning=tuning)
+
+    if store.latest_step() != s:
+        store.save(s, state, cfg_dict, final=True, force=True)
+    store.wait()
+    if on_checkpoint:
+        on_checkpoint(s)
+    store.close()
+    arrays = export.distilled_arrays(jax.device_get(state["ema"]["average"]), ds, cfg, s)
+    export.write_distilled(out, arrays, ds.num_classes)
+    eval_result = None
+    if run_eval:
+        from rcig.evaluate import evaluate_distilled
+
+        eval_result = evaluate_distilled(
+            arrays["x_proto"], arrays["y_proto"], ds, use_flip=cfg.outer.use_flip, cfg=cfg.eval,
+            width=cfg.eval.width or cfg.model.width, ipc=cfg.ipc, seed=cfg.seed,
+        )
+        eval_result["distill_steps"] = s
+        export.write_json(storage.join(out, "eval.json"), eval_result)
+    return RunResult(out, status, s, last_metrics, eval_result, s, time.perf_counter() - t_start,
+                     resumed_from=start if latest is not None else None, tuning=tuning)
+
+
+def _clear_for_restart(out: str, force: bool) -> None:
+    """--restart: start over. Old checkpoints are deleted only with --force; otherwise a
+    local run folder's checkpoints are moved aside, and a remote one is refused."""
+    ck = storage.join(out, "checkpoints")
+    if not storage.exists(ck) or not storage.listdir(ck):
+        return
+    if force:
+        storage.remove(ck, recursive=True)
+        for name in ("metrics.jsonl", "tuning.json", "eval.json"):
+            storage.remove(storage.join(out, name))
+        return
+    if storage.is_remote(out):
+        raise RunFolderError(f"{ck}: holds checkpoints; --restart deletes them only with --force (or use a new --out)")
+    aside = f"{ck}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(ck, aside)
+    for name in ("metrics.jsonl", "tuning.json", "eval.json"):
+        p = storage.join(out, name)
+        if os.path.exists(p):
+            os.replace(p, f"{aside}/{name}" if os.path.isdir(aside) else p + ".old")
