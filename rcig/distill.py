@@ -29,7 +29,10 @@ import numpy as np
 from rcig import export, storage
 from rcig.config import DistillConfig, validate
 
-EXIT_PREEMPTED = 75
+from rcig.preemption import EXIT_PREEMPTED  # noqa: E402,F401  (re-exported for callers)
+
+# Fields that may differ between a checkpoint and the command resuming it.
+RESUME_IGNORE = ("steps", "checkpoint", "log_every", "eval", "data_dir", "loop")
 
 
 class NonFiniteError(FloatingPointError):
@@ -143,14 +146,14 @@ def run_distillation(
 
     tuning = None
     if latest is not None:
-        store.check_config(cfg_dict)
+        store.check_config(cfg_dict, ignore=RESUME_IGNORE)
         state, _ = store.restore(engine.abstract_state(n_images), latest)
         start = int(state["step"])
     else:
         key = jax.random.PRNGKey(cfg.seed)
         idx = init_proto_indices(ds.y_train, ds.num_classes, cfg.ipc, cfg.seed)
         if cfg.outer.init == "noise":
-            x0 = 0.3 * np.random.default_rng(cfg.seed).standard_normal((n_images, *ds.image_shape)).astype(np.float32)
+            x0 = 0.3 * np.random.default_rng([cfg.seed, 0, 2]).standard_normal((n_images, *ds.image_shape)).astype(np.float32)
         else:
             x0 = ds.x_train[idx]
         y0 = shifted_one_hot(ds.y_train[idx], ds.num_classes)
@@ -159,6 +162,10 @@ def run_distillation(
             coreset = {"x": np.asarray(x0, np.float32), "y": y0, "log_temp": np.float32(0.0)}
             tuning = engine.tune_learning_rates(coreset, batch_for(0), jax.random.fold_in(key, 1), inner_lr, hvp_lr)
             inner_lr, hvp_lr = tuning["inner"], tuning["hvp"]
+            if progress:
+                capped = f"; stopped at the probe cap for {', '.join(tuning['capped'])}" if tuning["capped"] else ""
+                print(f"LR search: inner {inner_lr:.3g}, H-solve {hvp_lr:.3g} ({tuning['probes']} probes, "
+                      f"{tuning['seconds']:.1f} s{capped})", file=sys.stderr, flush=True)
             export.write_json(storage.join(out, "tuning.json"), tuning)
         state = engine.init_state(x0, y0, key, inner_lr, hvp_lr)
         start = 0
@@ -243,8 +250,7 @@ def run_distillation(
         return RunResult(out, status, s, last_metrics, None, store.latest_step(), time.perf_counter() - t_start,
                          resumed_from=start if latest is not None else None, tuning=tuning)
 
-    if store.latest_step() != s:
-        store.save(s, state, cfg_dict, final=True, force=True)
+    store.save(s, state, cfg_dict, final=True)  # marks the last step final (kept by retention)
     store.wait()
     if on_checkpoint:
         on_checkpoint(s)
@@ -257,7 +263,7 @@ def run_distillation(
 
         eval_result = evaluate_distilled(
             arrays["x_proto"], arrays["y_proto"], ds, use_flip=cfg.outer.use_flip, cfg=cfg.eval,
-            width=cfg.eval.width or cfg.model.width, ipc=cfg.ipc, seed=cfg.seed,
+            width=cfg.eval.width or cfg.model.width, ipc=cfg.ipc, seed=cfg.seed, depth=cfg.model.depth,
         )
         eval_result["distill_steps"] = s
         export.write_json(storage.join(out, "eval.json"), eval_result)

@@ -95,7 +95,10 @@ class Engine:
         self._init = jax.jit(
             functools.partial(step.init_state, self.ctx), out_shardings=self.replicated, static_argnums=()
         )
-        self._probe = jax.jit(functools.partial(step.probe, self.ctx))
+        # LR probes, vmapped over a batch of candidate LRs (one call tries several).
+        probe_many = lambda inner_only: jax.jit(jax.vmap(  # noqa: E731
+            functools.partial(step.probe, self.ctx, inner_only=inner_only), in_axes=(None, None, None, 0, 0, None)))
+        self._probe_inner, self._probe_both = probe_many(True), probe_many(False)
 
     # -- state ---------------------------------------------------------------------
     def init_state(self, x_init, y_init, key, inner_lr: float, hvp_lr: float) -> dict:
@@ -130,25 +133,37 @@ class Engine:
 
         Probes: one step on a single fresh model (the same key every time) and the same
         real batch; the inner search uses the inner-loop label, the H-solve search the
-        H-solve residual label. Returns {"inner", "hvp", "probes", "seconds"}.
+        H-solve residual label. `lr_tune.batch` candidate LRs (lr·growth^0..k-1) are probed
+        in one vmapped call; the result equals the one-at-a-time search (each probe is
+        independent of the others). Returns {"inner", "hvp", "probes", "seconds", "capped"}.
         """
         t = self.cfg.lr_tune
+        k = t.batch or (1 if jax.default_backend() == "cpu" else 8)
         t0 = time.perf_counter()
         theta0 = step.fresh_model(self.ctx, jax.random.fold_in(key, 7))["params"]
         coreset = jax.device_put(coreset, self.replicated)
-        probes = 0
+        probes, capped = 0, []
 
-        def search(lr: float, which: int) -> float:
+        def search(lr: float, fixed: float, which: int) -> float:
             nonlocal probes
-            while probes < t.max_probes:
-                args = (lr, hvp_lr) if which == 0 else (inner_lr, lr)
-                labels = self._probe(coreset, theta0, batch, jnp.float32(args[0]), jnp.float32(args[1]), key)
-                probes += 1
-                if int(labels[which]) != 1:
-                    break
-                lr *= t.growth
+            tried = 0
+            while tried < t.max_probes:
+                lrs = lr * t.growth ** np.arange(k)
+                other = np.full(k, fixed, np.float32)
+                args = (lrs.astype(np.float32), other) if which == 0 else (other, lrs.astype(np.float32))
+                fn = self._probe_inner if which == 0 else self._probe_both
+                labels = np.asarray(fn(coreset, theta0, batch, args[0], args[1], key)[which])
+                tried += k
+                bad = np.flatnonzero(labels != 1)
+                if bad.size:
+                    probes += int(bad[0]) + 1
+                    return float(lrs[bad[0]]) * t.backoff
+                probes += k
+                lr = float(lrs[-1]) * t.growth
+            capped.append("inner" if which == 0 else "hvp")
             return lr * t.backoff
 
-        inner_lr = search(inner_lr, 0)
-        hvp_lr = search(hvp_lr, 1)
-        return {"inner": float(inner_lr), "hvp": float(hvp_lr), "probes": probes, "seconds": time.perf_counter() - t0}
+        inner_lr = search(inner_lr, hvp_lr, 0)
+        hvp_lr = search(hvp_lr, inner_lr, 1)
+        return {"inner": float(inner_lr), "hvp": float(hvp_lr), "probes": probes,
+                "seconds": time.perf_counter() - t0, "capped": capped}

@@ -281,7 +281,9 @@ def pool_train(ctx: StepContext, model: dict, coreset: dict, n_steps, key) -> di
         params = jax.tree.map(lambda p, v: p - ctx.pool_lr * v, m["params"], u)
         return {"params": params, "mu": st.mu, "nu": st.nu, "age": st.count}
 
-    for i in range(ctx.pool_n_max - 1):
+    if not ctx.unroll:  # one loop body with a traced trip count: small program, fast compile
+        return jax.lax.fori_loop(0, n_steps, one, model)
+    for i in range(ctx.pool_n_max - 1):  # CPU: unrolled, each step skipped by a cond
         model = jax.lax.cond(i < n_steps, lambda m, i=i: one(i, m), lambda m: m, model)
     return model
 
@@ -383,13 +385,18 @@ def outer_step(ctx: StepContext, state: dict, batch: dict, key) -> tuple[dict, d
     return new_state, {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
 
-def probe(ctx: StepContext, coreset, theta0, batch, inner_lr, hvp_lr, key) -> tuple[jax.Array, jax.Array]:
-    """§8.2 probe: one step's inner and H-solve labels on a fresh model. Pure."""
+def probe(ctx: StepContext, coreset, theta0, batch, inner_lr, hvp_lr, key, inner_only: bool = False) -> tuple[jax.Array, jax.Array]:
+    """§8.2 probe: one step's inner and H-solve labels on a fresh model. Pure.
+
+    With `inner_only` the meta step is skipped (the inner search needs only the inner label).
+    """
     model = {"params": theta0, "mu": None, "nu": None, "age": jnp.int32(0)}
     x_s, y_s = krr.support(ctx.spec, coreset)
     k_inner, k_dir, k_hinv = jax.random.split(key, 3)
     ctx_fresh = ctx if not ctx.faithful_e2 else _replace(ctx, faithful_e2=False)
     delta, theta0p, losses = inner_loop(ctx_fresh, model, x_s, y_s, inner_lr, k_inner)
+    if inner_only:
+        return classify(losses), jnp.int32(0)
     caches: dict = {}
     if ctx.precompute or any(v is not None for v in (ctx.direct_s_sub, ctx.direct_t_sub, ctx.hinv_sub, ctx.implicit_sub)):
         caches["s"] = krr.linearize_nograd(ctx.spec, theta0p, delta, x_s)

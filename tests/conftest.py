@@ -62,10 +62,41 @@ def loopback_env() -> dict[str, str]:
     return env
 
 
+def _emulator_sends_generation_headers() -> None:
+    """Make gcp-storage-emulator's media downloads carry `x-goog-generation`, as real GCS
+    does. Without it tensorstore's OCDBT (Orbax's array store) sometimes re-reads its
+    manifest with no generation and then fails its next conditional write with
+    "Malformed StorageGeneration" (seen flaking the gs:// checkpoint tests)."""
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects.download, "_sends_generation", False):
+        return
+    plain_download = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        except Exception:  # not found etc.: the plain handler answers
+            pass
+        return plain_download(request, response, storage, *args, **kwargs)
+
+    download._sends_generation = True
+    objects.download = download
+    from gcp_storage_emulator import server  # its routing table may hold the plain handler
+
+    for _, methods in server.HANDLERS:
+        for method, handler in list(methods.items()):
+            if handler is plain_download:
+                methods[method] = download
+
+
 class GcsEmulator:
     """A real GCS-protocol server (gcp-storage-emulator) on loopback."""
 
     def __init__(self, port: int):
+        _emulator_sends_generation_headers()
         from gcp_storage_emulator.server import create_server
 
         self.port = port

@@ -38,9 +38,9 @@ def tree(ref, prefix):
     return out
 
 
-def ctx_for(ref, dense: str) -> step.StepContext:
+def ctx_for(ref, dense: str, solve: str = "cholesky") -> step.StepContext:
     net = ConvNet(depth=int(ref["in/hp/depth"]), width=int(ref["in/hp/width"]), num_classes=int(ref["in/hp/C"]), softplus_temp=float(ref["in/hp/softplus_beta"]))
-    spec = krr.KrrSpec(apply_fn=net.apply, num_classes=3, lam=float(ref["in/hp/lambda"]), use_flip=True)
+    spec = krr.KrrSpec(apply_fn=net.apply, num_classes=3, lam=float(ref["in/hp/lambda"]), use_flip=True, solve=solve)
     return step.StepContext(spec=spec, net=net, image_shape=(8, 8, 1), pool_count=1, dense_tangent=dense, unroll=False)
 
 
@@ -159,10 +159,12 @@ def test_coreset_update_and_ema(ref, prefix, dense):
         assert absdiff(ema["hidden"][k], ref[f"{prefix}/ema_hidden/{rk}"]) <= 1e-6, f"ema_hidden/{rk}"
 
 
+@pytest.mark.parametrize("solve", ["cholesky", "lu"])
 @pytest.mark.parametrize("prefix,dense", VARIANTS)
-def test_whole_step_chained(ref, prefix, dense):
-    """All pieces chained from the reference inputs only (no stage-wise feeding)."""
-    c = ctx_for(ref, dense)
+def test_whole_step_chained(ref, prefix, dense, solve):
+    """All pieces chained from the reference inputs only (no stage-wise feeding), with
+    rcig's default Cholesky solve and with the original's LU solve."""
+    c = ctx_for(ref, dense, solve)
     theta0 = tree(ref, "in/theta0")
     cs = coreset(ref)
     xs, ys = krr.support(c.spec, cs)

@@ -1,0 +1,144 @@
+"""Status, leaderboard and fetch, from the sweep's storage alone (no Ray needed).
+
+Everything here reads `orchestrator.manifest` records, so it works with no Ray cluster
+and with Ray's experiment state missing or damaged.
+
+Example:
+    >>> rows = status("quickstart")                                # doctest: +SKIP
+    >>> best("quickstart", top=1)[0]["key"]                        # doctest: +SKIP
+    'proto_lr=0.003,width=16_1a2b3c4d'
+    >>> fetch("quickstart", "out/")                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from orchestrator import manifest as mf
+from orchestrator.locate import resolve_sweep
+from rcig import storage
+
+FETCH_FILES = ("distilled.npz", "distilled.png", "eval.json", "config.json", "metrics.jsonl",
+               mf.RECORD)
+
+
+class ResultsError(ValueError):
+    """Nothing to show or fetch; the message says why and what to run."""
+
+
+def _price(doc: dict[str, Any]) -> tuple[float | None, str]:
+    cost = (doc.get("spec") or {}).get("cost") or {}
+    return cost.get("per_accelerator_hour"), cost.get("currency", "USD")
+
+
+def trial_row(rec: mf.TrialRecord, price: float | None) -> dict[str, Any]:
+    """One trial as a flat dict (what `status --json` prints per trial)."""
+    steps = (rec.config or {}).get("steps")
+    hours = rec.accelerator_s / 3600
+    row = {
+        "key": rec.key, "status": rec.status, "step": rec.step, "steps": steps,
+        "checkpoint_step": rec.checkpoint_step, "params": rec.params,
+        "metrics": rec.metrics, "preemptions": rec.preemptions, "failures": rec.failures,
+        "attempts": rec.attempts, "accelerator_unit": rec.accelerator_unit,
+        "accelerator_hours": hours, "cost": hours * price if price is not None else None,
+        "eval_mean": (rec.eval or {}).get("mean"), "eval_std": (rec.eval or {}).get("std"),
+        "updated_ago_s": time.time() - rec.updated if rec.updated else None,
+        "error": rec.last_error() if rec.status in (mf.ERROR, mf.FAILED) else None,
+    }
+    return row
+
+
+def status(name_or_uri: str) -> dict[str, Any]:
+    """Sweep summary and one row per trial."""
+    uri = resolve_sweep(name_or_uri)
+    doc = mf.read_manifest(uri)
+    price, currency = _price(doc)
+    rows = [trial_row(r, price) for r in mf.read_records(uri)]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {"sweep": doc["name"], "uri": uri, "counts": counts, "currency": currency,
+            "metric": doc["spec"].get("metric", "eval/mean"), "trials": rows,
+            "launches": doc.get("launches", [])}
+
+
+def metric_value(rec: mf.TrialRecord, metric: str) -> float | None:
+    """`eval/<field>` from the eval result, anything else from the latest metrics."""
+    if metric.startswith("eval/") and rec.eval:
+        field = metric[len("eval/"):]
+        v = rec.eval.get(field)
+        if field.startswith("baseline_") and rec.eval.get("baseline"):
+            v = rec.eval["baseline"].get(field[len("baseline_"):])
+        if isinstance(v, (int, float)):
+            return float(v)
+    v = rec.metrics.get(metric)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def best(name_or_uri: str, metric: str | None = None, top: int = 5,
+         mode: str | None = None) -> list[dict[str, Any]]:
+    """Leaderboard: trials with `metric` (default: the spec's), best first."""
+    uri = resolve_sweep(name_or_uri)
+    doc = mf.read_manifest(uri)
+    spec = doc["spec"]
+    metric = metric or spec.get("metric", "eval/mean")
+    mode = mode or (spec.get("mode", "max") if metric == spec.get("metric", "eval/mean") else
+                    ("min" if "loss" in metric else "max"))
+    price, _ = _price(doc)
+    recs = mf.read_records(uri)
+    scored = [(metric_value(r, metric), r) for r in recs]
+    scored = [(v, r) for v, r in scored if v is not None]
+    if not scored:
+        states = ", ".join(f"{n} {s}" for s, n in sorted(_count(recs).items())) or "no trials yet"
+        raise ResultsError(f"no trial of {uri} has reported {metric} yet ({states}); "
+                           f"see `rcig sweep status {name_or_uri}`")
+    scored.sort(key=lambda t: t[0], reverse=(mode == "max"))
+    out = []
+    for rank, (v, r) in enumerate(scored[:max(1, top)], 1):
+        row = trial_row(r, price)
+        row.update(rank=rank, metric=metric, value=v)
+        out.append(row)
+    return out
+
+
+def _count(recs: list[mf.TrialRecord]) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for r in recs:
+        c[r.status] = c.get(r.status, 0) + 1
+    return c
+
+
+def fetch(name_or_uri: str, to_dir: str, trial: str | None = None) -> dict[str, Any]:
+    """Copy the best (or the named) trial's distilled set, eval, config and final
+    checkpoint into `to_dir`; return {"key", "files", "checkpoint_step"}."""
+    uri = resolve_sweep(name_or_uri)
+    recs = {r.key: r for r in mf.read_records(uri)}
+    if trial is None:
+        key = best(name_or_uri, top=1)[0]["key"]
+    else:
+        matches = [k for k in recs if k == trial] or [k for k in recs if k.startswith(trial)]
+        if len(matches) != 1:
+            what = "matches several trials" if matches else "matches no trial"
+            raise ResultsError(f"--trial {trial!r} {what} of {uri}; see `rcig sweep status {name_or_uri}`")
+        key = matches[0]
+    rec = recs[key]
+    src = mf.trial_uri(uri, key)
+    if not storage.exists(storage.join(src, "distilled.npz")):
+        raise ResultsError(f"trial {key} of {uri} has no distilled.npz yet (status {rec.status}); "
+                           f"see `rcig sweep status {name_or_uri}`")
+    os.makedirs(to_dir, exist_ok=True)
+    files = []
+    for name in FETCH_FILES:
+        if storage.exists(storage.join(src, name)):
+            storage.download(storage.join(src, name), os.path.join(to_dir, name))
+            files.append(name)
+    steps = [int(n) for n in storage.listdir(storage.join(src, "checkpoints")) if n.isdigit()]
+    ckpt = max(steps) if steps else None
+    if ckpt is not None:
+        dest = os.path.join(to_dir, "checkpoint", str(ckpt))
+        storage.download(storage.join(src, "checkpoints", str(ckpt)), dest)
+        files.append(f"checkpoint/{ckpt}")
+    return {"key": key, "files": files, "checkpoint_step": ckpt, "to": os.path.abspath(to_dir),
+            "eval_mean": (rec.eval or {}).get("mean")}

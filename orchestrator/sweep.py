@@ -1,0 +1,292 @@
+"""Launch and resume sweeps: spec -> Ray Tune `Tuner` over `orchestrator.trial`.
+
+The sweep folder is `<storage>/<name>` (local path or `gs://`); it holds Ray's standard
+experiment state *and* our manifest (`orchestrator.manifest`), so `status`, `best` and
+`fetch` read storage alone.
+
+- `launch(spec_path, ...)`: validate the spec (before Ray starts), write the manifest,
+  start local Ray (or connect with `address`, after a preflight of the trial bundle
+  against the live nodes), run the Tuner. Launching into an existing sweep folder adopts
+  the trials already there (finished ones are not rerun).
+- `resume(name_or_uri)`: `Tuner.restore` (unfinished and errored trials continue, with a
+  fresh failure budget; finished ones are not rerun). If Ray's state is missing or
+  damaged (e.g. a truncated `tuner.pkl`), the sweep is rebuilt from our manifest instead.
+
+Example:
+    >>> out = launch("sweeps/quickstart.yaml", sets=["steps=10"])   # doctest: +SKIP
+    >>> out.sweep_uri, out.counts                                    # doctest: +SKIP
+    ('/work/sweep_results/quickstart', {'COMPLETED': 4})
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from orchestrator import manifest as mf
+from orchestrator.locate import default_root, resolve_sweep
+from orchestrator.spec import SweepSpec, load_spec, spec_from_raw
+from rcig import storage
+
+# Environment a remote Ray worker needs from the driver (emulators, tokens, our knobs).
+_FORWARD_PREFIXES = ("RCIG_", "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                     "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_", "NO_GCE_CHECK",
+                     "GCE_METADATA_", "GOOGLE_CLOUD_PROJECT", "JAX_COMPILATION_CACHE_DIR")
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot start or resume; one line saying what and where."""
+
+
+@dataclass
+class SweepOutcome:
+    sweep_uri: str
+    name: str
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def sweep_uri_for(spec: SweepSpec, storage_override: str | None = None) -> str:
+    root = storage_override or spec.storage or default_root()
+    return storage.join(storage.normalize(root), spec.name)
+
+
+def ray_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune param_space of the spec's search space."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, dist in spec.space.items():
+        (kind, v), = dist.items()
+        space[key] = {
+            "grid": lambda: tune.grid_search(list(v)),
+            "choice": lambda: tune.choice(list(v)),
+            "uniform": lambda: tune.uniform(*v),
+            "loguniform": lambda: tune.loguniform(*v),
+            "randint": lambda: tune.randint(*v),
+        }[kind]()
+    return space
+
+
+def storage_for_ray(sweep_uri: str) -> tuple[str, str, Any]:
+    """(storage_path, name, storage_filesystem) for tune.RunConfig / Tuner.restore."""
+    uri = storage.normalize(sweep_uri)
+    parent, name = posixpath.split(uri.rstrip("/"))
+    if storage.is_remote(uri):
+        import pyarrow.fs as pafs
+
+        fs, path = storage.filesystem(parent)
+        return path, name, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    return parent, name, None
+
+
+# Ray kills a worker's child processes when the worker exits; the trial's distillation
+# process must outlive its worker long enough to commit the preemption checkpoint.
+WORKER_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to `address`, or start a local Ray; give our job's workers the environment
+    they need (WORKER_ENV, emulator/token variables, RCIG_* knobs)."""
+    import ray
+
+    # Intermediate reports carry training metrics; eval/mean arrives with the last one.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES)}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {**env, **WORKER_ENV}}}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(include_dashboard=False, num_cpus=num_cpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise SweepError(f"cannot connect to the Ray cluster at {address or 'local'}: {e}") from None
+
+
+def cluster_offers() -> dict[str, dict[str, float]]:
+    """What the connected cluster can give a trial: its live nodes, plus the node types an
+    autoscaler may add (from the GCS cluster config, or the launcher's bootstrap YAML on
+    the head node), so an autoscaling cluster with no GPU node up yet still passes."""
+    import ray
+
+    offers = {f"node {n['NodeID'][:8]}": dict(n.get("Resources", {}))
+              for n in ray.nodes() if n.get("Alive")}
+    try:
+        from ray._private.state import state
+
+        cfg = state.get_cluster_config()
+        for g in (cfg.node_group_configs if cfg else []):
+            if g.max_count != 0:
+                offers[f"node type {g.name}"] = dict(g.resources)
+    except Exception:  # noqa: BLE001 - private API; live nodes still count
+        pass
+    boot = os.path.expanduser("~/ray_bootstrap_config.yaml")  # written by `ray up`
+    if os.path.exists(boot):
+        from orchestrator.cluster import launchable_node_types, load_cluster_config
+
+        try:
+            for name, res in launchable_node_types(load_cluster_config(boot)).items():
+                offers[f"node type {name}"] = dict(res)
+        except Exception:  # noqa: BLE001 - a broken bootstrap file must not block launch
+            pass
+    return offers
+
+
+def preflight(spec: SweepSpec, address: str) -> None:
+    """Fail if nothing in the cluster (live or autoscalable) can hold one trial's bundle."""
+    from orchestrator.cluster import node_types_satisfying
+
+    bundle = spec.ray_resources()
+    offers = cluster_offers()
+    cfg = {"available_node_types": {k: {"resources": v} for k, v in offers.items()}}
+    if not node_types_satisfying(cfg, bundle):
+        shown = {k: {r: v for r, v in res.items() if not r.startswith(("node:", "memory", "object_store"))}
+                 for k, res in offers.items()}
+        raise SweepError(
+            f"{spec.source}: resources: no node of the cluster at {address} offers {bundle} "
+            f"per trial (it has: {shown}); lower resources or add such a node type")
+
+
+def build_tuner(spec: SweepSpec, sweep_uri: str, param_space: dict[str, Any] | None = None):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from orchestrator.callbacks import BudgetCallback, ray_max_failures
+    from orchestrator.trial import TrialContext, key_of, make_trainable
+
+    storage_path, name, fs = storage_for_ray(sweep_uri)
+    scheduler = search_alg = None
+    metric, mode = spec.metric, spec.mode
+    if spec.scheduler:
+        s = spec.scheduler
+        scheduler = ASHAScheduler(time_attr="step", metric=s["metric"], mode=s["mode"],
+                                  grace_period=s["grace_period"],
+                                  reduction_factor=s["reduction_factor"],
+                                  # ASHA stops a trial that reaches max_t: past the last
+                                  # step, so a surviving trial still runs its eval.
+                                  max_t=s["max_t"] or spec.base_config().steps + 1)
+        metric = mode = None  # Tune refuses a metric set in both places
+    max_concurrent = spec.max_concurrent
+    if param_space is None and spec.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=spec.search_seed)
+    else:  # Tune ignores max_concurrent_trials with a generator: give it the cap itself
+        search_alg = BasicVariantGenerator(random_state=spec.search_seed,
+                                           max_concurrent=spec.max_concurrent or 0)
+        max_concurrent = None
+
+    def dirname(trial) -> str:
+        return key_of(spec, trial.config)
+
+    return tune.Tuner(
+        make_trainable(TrialContext(storage.normalize(sweep_uri), spec)),
+        param_space=ray_space(spec) if param_space is None else param_space,
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, num_samples=spec.num_samples if param_space is None else 1,
+            max_concurrent_trials=max_concurrent, scheduler=scheduler,
+            search_alg=search_alg, reuse_actors=False,
+            trial_dirname_creator=dirname, trial_name_creator=dirname),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=ray_max_failures(spec)),
+            callbacks=[BudgetCallback(storage.normalize(sweep_uri), spec)],
+            verbose=int(os.environ.get("RCIG_TUNE_VERBOSE", "1"))),
+    )
+
+
+def _launch_info(address: str | None, kind: str) -> dict[str, Any]:
+    import ray
+
+    return {"at": time.time(), "kind": kind, "address": address or "local",
+            "ray": ray.__version__}
+
+
+def _counts(sweep_uri: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rec in mf.read_records(sweep_uri):
+        counts[rec.status] = counts.get(rec.status, 0) + 1
+    return counts
+
+
+def launch(spec_path: str, storage_uri: str | None = None, name: str | None = None,
+           address: str | None = None, sets: Sequence[str] = ()) -> SweepOutcome:
+    """Validate a spec and run its sweep to the end (see module docstring)."""
+    spec = load_spec(spec_path, sets=sets, storage=storage_uri, name=name)
+    sweep_uri = sweep_uri_for(spec)
+    try:
+        existing = mf.read_manifest(sweep_uri, missing_ok=True)
+    except mf.ManifestError as e:
+        raise SweepError(str(e)) from None
+    init_ray(address)
+    if address:
+        preflight(spec, address)
+    mf.write_manifest(sweep_uri, spec.name, spec.raw, spec.source, _launch_info(address, "launch"))
+    out = SweepOutcome(sweep_uri, spec.name)
+    if existing:
+        out.notes.append(f"{sweep_uri} already held a sweep; its existing trials are adopted")
+    build_tuner(spec, sweep_uri).fit()
+    out.counts = _counts(sweep_uri)
+    return out
+
+
+def resume(name_or_uri: str, address: str | None = None) -> SweepOutcome:
+    """Continue a sweep from storage: Ray's state if readable, else our manifest."""
+    from ray import tune
+
+    from orchestrator.trial import PARAMS_KEY, TrialContext, make_trainable
+
+    sweep_uri = resolve_sweep(name_or_uri)
+    doc = mf.read_manifest(sweep_uri)
+    spec = spec_from_raw(doc["spec"], source=doc.get("source", "<manifest>"))
+    init_ray(address)
+    if address:
+        preflight(spec, address)
+    records = mf.read_records(sweep_uri)
+    for rec in records:  # resume grants errored trials a fresh budget
+        if rec.status == mf.ERROR:
+            rec.budget_base_failures, rec.budget_base_preemptions = rec.failures, rec.preemptions
+            rec.status = mf.FAILED
+            mf.write_record(sweep_uri, rec)
+    mf.write_manifest(sweep_uri, spec.name, spec.raw, spec.source, _launch_info(address, "resume"))
+    out = SweepOutcome(sweep_uri, spec.name)
+    storage_path, name, fs = storage_for_ray(sweep_uri)
+    exp_path = sweep_uri if fs is None else posixpath.join(storage_path, name)
+    tuner = None
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        try:
+            tuner = tune.Tuner.restore(
+                exp_path, trainable=make_trainable(TrialContext(sweep_uri, spec)),
+                resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+        except Exception as e:  # noqa: BLE001 - e.g. EOFError on a truncated tuner.pkl
+            out.notes.append(f"Ray's experiment state in {sweep_uri} is unreadable "
+                             f"({type(e).__name__}: {e}); resuming from the rcig manifest")
+    else:
+        out.notes.append(f"no Ray experiment state in {sweep_uri}; resuming from the rcig manifest")
+    if tuner is None:
+        tuner = build_tuner(spec, sweep_uri, param_space=_manifest_space(spec, records, out))
+    tuner.fit()
+    out.counts = _counts(sweep_uri)
+    return out
+
+
+def _manifest_space(spec: SweepSpec, records: list[mf.TrialRecord], out: SweepOutcome) -> dict[str, Any] | None:
+    """Param space to rebuild a sweep without Ray's state: the spec's own grid if it is
+    deterministic (trials adopt their folders), else the recorded trials' params."""
+    from ray import tune
+
+    from orchestrator.trial import PARAMS_KEY
+
+    if all("grid" in d for d in spec.space.values()) and spec.num_samples == 1:
+        return None
+    missing = spec.grid_size() - len(records)
+    if missing > 0:
+        out.notes.append(f"{missing} sampled trial(s) had not started; run `rcig sweep launch` "
+                         f"on the spec again to create them")
+    return {PARAMS_KEY: tune.grid_search([rec.params for rec in records])}

@@ -1,0 +1,129 @@
+"""The process that runs one trial attempt's distillation (started by `orchestrator.trial`).
+
+Why a child process and not the Tune thread itself: Tune runs a function trainable in a
+thread of its actor, and Ray's worker turns SIGTERM into an immediate exit of its main
+thread. Here the distillation runs in the main thread of its own process, so:
+
+- SIGTERM / SIGINT (a preemption notice) and GCE's `instance/preempted` flag reach
+  `rcig.preemption`, and the run checkpoints the step it is on and exits with
+  `EXIT_PREEMPTED` (75);
+- the device environment (`orchestrator.devices`) is set before jax is imported, and
+  all accelerator memory is returned when the attempt ends;
+- if the Ray worker dies (node loss, driver loss, `ray.kill`), the kernel sends this
+  process SIGTERM (`PR_SET_PDEATHSIG`), which is handled like a notice.
+
+Protocol: argv = [job.json path, event fd]. One JSON object per line on the event fd:
+``{"event": "metrics", "step": s, "metrics": {...}}``, ``{"event": "checkpoint", "step": s}``,
+``{"event": "result", ...RunResult...}`` or ``{"event": "error", "traceback": "..."}``.
+A lease file (`lease.json` in the trial folder) is refreshed while this process lives, so
+a rerun elsewhere can wait until this attempt's notice checkpoint is committed.
+
+Example (what `orchestrator.trial` runs)::
+
+    python -m orchestrator.trial_worker /tmp/job.json 5
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+EXIT_PREEMPTED = 75  # = rcig.preemption.EXIT_PREEMPTED (not imported: keeps this light)
+LEASE = "lease.json"
+
+
+def lease_heartbeat_s() -> float:
+    """How often the lease is refreshed (env `RCIG_LEASE_HEARTBEAT_S`, default 5 s)."""
+    return float(os.environ.get("RCIG_LEASE_HEARTBEAT_S", "5"))
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to send SIGTERM here when the parent (the Ray worker) dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+class _Lease:
+    """Refreshes `<trial>/lease.json` from a thread until released."""
+
+    def __init__(self, trial_uri: str, attempt: int):
+        from rcig import storage
+
+        self._storage = storage
+        self.uri = storage.join(trial_uri, LEASE)
+        self.attempt = attempt
+        self._done = threading.Event()
+        self._write(released=False)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _write(self, released: bool) -> None:
+        doc = {"attempt": self.attempt, "pid": os.getpid(), "host": os.uname().nodename,
+               "t": time.time(), "released": released}
+        try:
+            self._storage.write_text(self.uri, json.dumps(doc))
+        except Exception:  # a missed heartbeat only delays a rerun; never kill the run
+            pass
+
+    def _loop(self) -> None:
+        while not self._done.wait(lease_heartbeat_s()):
+            self._write(released=False)
+
+    def release(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        self._write(released=True)
+
+
+def main(argv: list[str]) -> int:
+    job_path, fd = argv[0], int(argv[1])
+    _set_parent_death_signal()
+    with open(job_path) as f:
+        job = json.load(f)
+    events = os.fdopen(fd, "w", buffering=1)
+
+    def emit(doc: dict) -> None:
+        try:
+            events.write(json.dumps(doc, default=float) + "\n")
+        except (BrokenPipeError, OSError):
+            pass  # parent gone: keep going, the notice path checkpoints and exits
+
+    from rcig.preemption import GcePreemptionWatcher, StopSignal, stop_requested
+
+    # GCE's instance/preempted flag is polled only on GCE (decided from DMI, no probe).
+    with StopSignal() as stop, GcePreemptionWatcher() as gce:
+        if os.getppid() != job["parent_pid"]:  # parent died before the death signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+        lease = _Lease(job["out_uri"], job["attempt"])
+        try:
+            from rcig.config import DistillConfig
+            from rcig.distill import run_distillation
+
+            cfg = DistillConfig.from_dict(job["config"])
+            result = run_distillation(
+                cfg, job["out_uri"], run_eval=True, progress=False,
+                on_metrics=lambda s, m: emit({"event": "metrics", "step": int(s), "metrics": m}),
+                on_checkpoint=lambda s: emit({"event": "checkpoint", "step": int(s)}),
+                stop_requested=lambda: stop_requested(stop, gce),
+            )
+        except BaseException:  # noqa: BLE001 - everything goes back to the parent
+            emit({"event": "error", "traceback": traceback.format_exc()})
+            lease.release()
+            return 1
+    lease.release()
+    emit({"event": "result", **dataclasses.asdict(result)})
+    return 0 if result.status == "completed" else EXIT_PREEMPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
