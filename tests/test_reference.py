@@ -19,14 +19,12 @@ import pytest
 from rcig import krr, step
 from rcig.model import ConvNet
 
-REF = Path(os.environ.get("RCIG_REFERENCE", Path(__file__).resolve().parents[2] / "shared/data/rcig-reference/reference.npz"))
+REF = Path(os.environ.get("RCIG_REFERENCE", Path(__file__).resolve().parent / "data/rcig-reference/reference.npz"))
 LEAVES = ["Conv_0/kernel", "Conv_0/bias", "Conv_1/kernel", "Conv_1/bias", "Dense_0/kernel", "Dense_0/bias"]
-
-pytestmark = pytest.mark.skipif(not REF.exists(), reason=f"reference data not found at {REF}")
-
 
 @pytest.fixture(scope="module")
 def ref():
+    assert REF.exists(), f"reference data missing: {REF} (set RCIG_REFERENCE to its path)"
     return dict(np.load(REF))
 
 
