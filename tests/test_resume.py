@@ -155,3 +155,23 @@ def test_resume_with_other_ipc_is_refused(reference, run_env, tmp_path):
     assert "ipc" in log and "Traceback" not in log, log
     assert sorted((p.relative_to(ck), p.stat().st_mtime_ns) for p in ck.rglob("*")) == before
     assert (out / "distilled.npz").read_bytes() == npz
+
+
+def test_restart_moves_old_checkpoints_aside_and_only_force_deletes(tmp_path, run_env):
+    """--restart starts over without deleting the old checkpoints; --restart --force deletes them."""
+    out = tmp_path / "run"
+    short = lambda extra: [c if c != str(N_STEPS) else "6" for c in command(out)] + extra  # noqa: E731
+    assert subprocess.run(short([]), env=run_env, cwd=conftest.ROOT, capture_output=True).returncode == 0
+    first = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert first, "no checkpoints written"
+
+    proc = subprocess.run(short(["--restart"]), env=run_env, cwd=conftest.ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    aside = [p for p in out.iterdir() if p.name.startswith("checkpoints.old-")]
+    assert len(aside) == 1, "the old checkpoints were not kept aside"
+    assert sorted(p.name for p in aside[0].iterdir() if p.name[0].isdigit()) == [n for n in first if n[0].isdigit()]
+
+    proc = subprocess.run(short(["--restart", "--force"]), env=run_env, cwd=conftest.ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert CheckpointStore(str(out)).latest_step() == 6
+    assert len([p for p in out.iterdir() if p.name.startswith("checkpoints.old-")]) == 1  # --force deletes only the live folder
