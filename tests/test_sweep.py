@@ -149,7 +149,11 @@ def test_sigterm_notice_checkpoints_current_step_and_resumes(ray_local, tmp_path
     """SIGTERM to the process running the distillation (clean notice path), or to the
     trial's Ray worker (Ray exits it at once; its distillation child gets SIGTERM from
     the kernel and still commits the current step)."""
-    sets = TINY + ["steps=60", "checkpoint.every_steps=50", "search.space={}", "name=notice"]
+    # The periodic checkpoint (every 150) lies far beyond where the notice lands (a few
+    # steps after step 3 even on a fast idle machine), so a resume at the notice step
+    # cannot be mistaken for a resume at a periodic one.
+    n_steps, every = 200, 150
+    sets = TINY + [f"steps={n_steps}", f"checkpoint.every_steps={every}", "search.space={}", "name=notice"]
     box: dict = {}
     th = threading.Thread(target=lambda: box.update(out=launch(QUICKSTART, storage_uri=str(tmp_path), sets=sets)))
     th.start()
@@ -169,15 +173,15 @@ def test_sigterm_notice_checkpoints_current_step_and_resumes(ray_local, tmp_path
     first, second = rec.history[0], rec.history[1]
     assert second["outcome"] == "completed" and rec.status == mf.COMPLETED, rec.history
     assert rec.preemptions == 1 and rec.failures == 0 and rec.attempts == 2
-    resumed_at = second["start_step"]  # the notice checkpoint, off the every_steps=50 grid
-    assert 3 <= resumed_at < 60 and resumed_at != 50, rec.history
+    resumed_at = second["start_step"]  # the notice checkpoint, off the every_steps grid
+    assert 3 <= resumed_at < every, rec.history
     if target == "distill_process":  # the worker saw the clean exit and recorded it
         assert first["outcome"] == "preempted" and first["end_step"] == resumed_at
         print(f"SIGTERM -> checkpoint committed and attempt closed: {first['ended'] - t_notice:.2f} s")
     else:  # the worker died at once: the next attempt books the loss
         assert first["outcome"] == "lost"
     steps = [json.loads(line)["step"] for line in (Path(sweep) / "trials" / rec.key / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 61))  # no step lost or repeated across the notice
+    assert steps == list(range(1, n_steps + 1))  # no step lost or repeated across the notice
 
 
 def test_raising_trial_retried_then_error_with_traceback(ray_local, tmp_path):
