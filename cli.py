@@ -20,7 +20,9 @@ app = typer.Typer(
 
 # ---- section: distill ---------------------------------------------------------------
 def _fail(msg: str, code: int = 1) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    """Print a user error (`error: ...`, one line per line of `msg`) and exit with `code`."""
+    for line in str(msg).splitlines() or [""]:
+        typer.echo(f"error: {line}", err=True)
     raise typer.Exit(code)
 
 
@@ -147,9 +149,7 @@ app.add_typer(sweep_app, name="sweep")
 
 
 def _sweep_fail(msg: str, code: int = 2) -> None:
-    for line in str(msg).splitlines() or [""]:
-        typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(code)
+    _fail(msg, code)
 
 
 def _sweep_user_errors() -> tuple[type[BaseException], ...]:
@@ -338,8 +338,7 @@ def report_cmd(
     except (ManifestError, ReportError, StorageError, FileNotFoundError) as e:
         if os.environ.get("RCIG_DEBUG"):
             raise
-        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-        raise typer.Exit(1)
+        _fail(" ".join(str(e).split()))
     for note in rep.notes:
         typer.echo(f"note: {note}", err=True)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(rep.counts.items()))
@@ -370,8 +369,7 @@ def _cluster_run(action: str, config, yes: bool, dry_run: bool, spec=None) -> No
     try:
         code = run_cluster_action(action, config, yes=yes, dry_run=dry_run, spec_paths=spec or None)
     except ClusterConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1)
+        _fail(str(exc))
     if code:
         raise typer.Exit(code)
 

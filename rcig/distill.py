@@ -122,7 +122,7 @@ def run_distillation(
         >>> res = run_distillation(cfg, "runs/demo")
         >>> res.status, res.eval["mean"] > res.eval["baseline"]["mean"]
     """
-    from rcig.checkpoint import CheckpointStore
+    from rcig.checkpoint import CheckpointStore, should_save
     from rcig.data import init_proto_indices, load_dataset, real_batch_indices, shifted_one_hot
     from rcig.engine import Engine
 
@@ -194,8 +194,6 @@ def run_distillation(
     pending = None  # (step, device metrics, wall time of dispatch)
     t_prev = time.perf_counter()
     s = start
-
-    from rcig.checkpoint import should_save
 
     def consume(p) -> dict[str, float]:
         nonlocal t_prev
@@ -289,4 +287,4 @@ def _clear_for_restart(out: str, force: bool) -> None:
     for name in ("metrics.jsonl", "tuning.json", "eval.json"):
         p = storage.join(out, name)
         if os.path.exists(p):
-            os.replace(p, f"{aside}/{name}" if os.path.isdir(aside) else p + ".old")
+            os.replace(p, os.path.join(aside, name))

@@ -32,6 +32,7 @@ Decisions on the original's sharp edges (rcig-algorithm.md §13):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,16 @@ def _subset(key, n: int, size: int | None):
     if size is None or size >= n:
         return None
     return jax.random.permutation(key, n)[:size]
+
+
+def meta_caches(ctx: StepContext, theta0, delta, x_s, x_t) -> dict:
+    """§5.6 do_precompute: stop-gradient features/offsets of all support and real rows at
+    (θ0', δ*), once per outer step, when any subsampling (or precompute) is configured."""
+    subs = (ctx.direct_s_sub, ctx.direct_t_sub, ctx.hinv_sub, ctx.implicit_sub)
+    if not ctx.precompute and all(v is None for v in subs):
+        return {}
+    return {"s": krr.linearize_nograd(ctx.spec, theta0, delta, x_s),
+            "t": krr.linearize_nograd(ctx.spec, theta0, delta, x_t)}
 
 
 def _is_dense_kernel(path) -> bool:
@@ -319,10 +330,7 @@ def outer_step(ctx: StepContext, state: dict, batch: dict, key) -> tuple[dict, d
     new_lr_inner = jnp.where(adapt, lr_inner * factor, lr_inner).astype(jnp.float32)
 
     # 3. meta step
-    caches: dict = {}
-    if ctx.precompute or any(v is not None for v in (ctx.direct_s_sub, ctx.direct_t_sub, ctx.hinv_sub, ctx.implicit_sub)):
-        caches["s"] = krr.linearize_nograd(spec, theta0p, delta, x_s)
-        caches["t"] = krr.linearize_nograd(spec, theta0p, delta, x_t)
+    caches = meta_caches(ctx, theta0p, delta, x_s, x_t)
     loss, aux, d_dir, g_t = direct_gradient(ctx, coreset, delta, theta0p, x_t, y_t, caches, k_dir)
     h, residuals = hinv_solve(ctx, delta, theta0p, x_s, y_s, g_t, state["lr"]["hvp"], k_hinv, caches.get("s"))
     hvp_label = classify(residuals)
@@ -393,20 +401,12 @@ def probe(ctx: StepContext, coreset, theta0, batch, inner_lr, hvp_lr, key, inner
     model = {"params": theta0, "mu": None, "nu": None, "age": jnp.int32(0)}
     x_s, y_s = krr.support(ctx.spec, coreset)
     k_inner, k_dir, k_hinv = jax.random.split(key, 3)
-    ctx_fresh = ctx if not ctx.faithful_e2 else _replace(ctx, faithful_e2=False)
+    ctx_fresh = dataclasses.replace(ctx, faithful_e2=False)  # probes use a fresh model (E10)
     delta, theta0p, losses = inner_loop(ctx_fresh, model, x_s, y_s, inner_lr, k_inner)
     if inner_only:
         return classify(losses), jnp.int32(0)
-    caches: dict = {}
-    if ctx.precompute or any(v is not None for v in (ctx.direct_s_sub, ctx.direct_t_sub, ctx.hinv_sub, ctx.implicit_sub)):
-        caches["s"] = krr.linearize_nograd(ctx.spec, theta0p, delta, x_s)
-        caches["t"] = krr.linearize_nograd(ctx.spec, theta0p, delta, batch["x"])
+    caches = meta_caches(ctx, theta0p, delta, x_s, batch["x"])
     _, _, _, g_t = direct_gradient(ctx, coreset, delta, theta0p, batch["x"], batch["y"], caches, k_dir)
     _, residuals = hinv_solve(ctx, delta, theta0p, x_s, y_s, g_t, hvp_lr, k_hinv, caches.get("s"))
     return classify(losses), classify(residuals)
 
-
-def _replace(ctx: StepContext, **kw) -> StepContext:
-    import dataclasses
-
-    return dataclasses.replace(ctx, **kw)
