@@ -2,8 +2,11 @@
 
 The step itself (`rcig.step.outer_step`) knows nothing of devices. Here:
 - a 1-D mesh over all local devices (axis `data`); the real batch is sharded over it, the
-  whole state (distilled set, optimiser, EMA, pool, LRs) is replicated; XLA's SPMD
-  partitioner inserts the exact cross-device reductions (means over the real batch);
+  whole state (distilled set, optimiser, EMA, pool, LRs) is replicated; inside the step
+  the support rows are sharded over it too (`KrrSpec.row_sharding`), so the inner loop,
+  H-solve, implicit gradient and pool training split their per-row passes across devices
+  rather than each device repeating them; XLA's SPMD partitioner inserts the exact
+  cross-device collectives (feature all-gathers for the kernels, sums over rows);
 - the step is jitted once with the state donated, and its key is derived on device from
   the state (`fold_in(rng, step)`), so a step needs no host round trip;
 - the learning-rate search of §8.2 runs a jitted one-step probe, compiled once.
@@ -25,8 +28,9 @@ from rcig.config import ConfigError, DistillConfig
 from rcig.model import make_convnet
 
 
-def build_context(cfg: DistillConfig, image_shape: tuple[int, int, int], num_classes: int) -> step.StepContext:
-    """Static step settings from a config and the dataset's shape."""
+def build_context(cfg: DistillConfig, image_shape: tuple[int, int, int], num_classes: int,
+                  mesh: jax.sharding.Mesh | None = None) -> step.StepContext:
+    """Static step settings from a config and the dataset's shape (and the device mesh)."""
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     net = make_convnet(image_shape, num_classes, width=cfg.model.width, depth=cfg.model.depth,
                        softplus_temp=cfg.model.softplus_temp, dtype=dtype)
@@ -36,6 +40,7 @@ def build_context(cfg: DistillConfig, image_shape: tuple[int, int, int], num_cla
         apply_fn=net.apply, num_classes=num_classes, lam=o.l2_rate * n_images, solve=o.solve,
         use_flip=o.use_flip, learn_labels=o.learn_labels, label_margin=o.label_margin,
         chunk=o.max_forward_batch_size,
+        row_sharding=NamedSharding(mesh, P("data")) if mesh is not None and mesh.size > 1 else None,
     )
     unroll = cfg.loop == "unroll" or (cfg.loop == "auto" and jax.default_backend() == "cpu")
     t = cfg.lr_tune
@@ -83,7 +88,7 @@ class Engine:
         self.mesh = jax.make_mesh((n,), ("data",), devices=self.devices, axis_types=(jax.sharding.AxisType.Auto,))
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        self.ctx = build_context(cfg, image_shape, num_classes)
+        self.ctx = build_context(cfg, image_shape, num_classes, self.mesh)
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self._step = jax.jit(

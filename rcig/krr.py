@@ -39,6 +39,10 @@ class KrrSpec:
     learn_labels: bool = True
     label_margin: bool = True
     chunk: int | None = None  # max_forward_batch_size for no-grad forwards
+    # Multi-device: the sharding the support rows are spread with (rows over the mesh's
+    # `data` axis), so every per-row pass over the support set is split across devices
+    # instead of repeated on each; None on one device.
+    row_sharding: Any = None
 
 
 def tree_vdot(a: Params, b: Params) -> jax.Array:
@@ -57,7 +61,12 @@ def support(spec: KrrSpec, coreset: dict) -> tuple[jax.Array, jax.Array]:
     if spec.use_flip:
         x = jnp.concatenate([x, x[:, :, ::-1, :]], axis=0)  # mirror along width (axis -2)
         y = jnp.concatenate([y, y], axis=0)
-    return x, y
+    return shard_rows(spec, x), shard_rows(spec, y)
+
+
+def shard_rows(spec: KrrSpec, a: jax.Array) -> jax.Array:
+    """`a` with its rows (axis 0) spread over the devices, where there are several."""
+    return a if spec.row_sharding is None else jax.lax.with_sharding_constraint(a, spec.row_sharding)
 
 
 def linearize(spec: KrrSpec, theta0: Params, delta: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -108,10 +117,21 @@ def krr_solve(spec: KrrSpec, k_nxn: jax.Array, rhs: jax.Array) -> jax.Array:
     return jnp.linalg.solve(a, rhs)
 
 
-def inner_loss_from_rows(spec: KrrSpec, feats_s, offs_s, y_s, delta) -> jax.Array:
+def krr_solver(spec: KrrSpec, k_nxn: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """rhs -> (K + λI)^-1 rhs with K + λI factored once (Cholesky, or LU with pivoting)."""
+    a = k_nxn + spec.lam * jnp.eye(k_nxn.shape[0], dtype=k_nxn.dtype)
+    if spec.solve == "cholesky":
+        c = jax.scipy.linalg.cho_factor(a, lower=True)
+        return lambda rhs: jax.scipy.linalg.cho_solve(c, rhs)
+    lu = jax.scipy.linalg.lu_factor(a)
+    return lambda rhs: jax.scipy.linalg.lu_solve(lu, rhs)
+
+
+def inner_loss_from_rows(spec: KrrSpec, feats_s, offs_s, y_s, delta, k_ss=None, solve=None) -> jax.Array:
     n, c = y_s.shape
-    k_ss = feats_s @ feats_s.T
-    a = krr_solve(spec, k_ss, y_s - offs_s)
+    if k_ss is None:
+        k_ss = feats_s @ feats_s.T
+    a = solve(y_s - offs_s) if solve is not None else krr_solve(spec, k_ss, y_s - offs_s)
     k_a = k_ss @ a
     preds = offs_s + k_a
     sq_err = jnp.sum(jnp.square(y_s - preds))
@@ -125,6 +145,28 @@ def inner_loss(
     """L_in(delta; theta0, S) of §4.1."""
     feats, offs = rows_with_grad(spec, theta0, delta, x_s, idx, cache)
     return inner_loss_from_rows(spec, feats, offs, y_s, delta)
+
+
+def fixed_inner_loss(spec: KrrSpec, theta0: Params, x_s: jax.Array, y_s: jax.Array) -> Callable[[Params], jax.Array]:
+    """delta -> L_in(delta; theta0, S) for a fixed (theta0, S), all rows, no autodiff to S.
+
+    The same function as `inner_loss` with idx=None, built for the inner loop and the
+    H-solve, which evaluate it (and its gradient, and H·v) at 20 deltas each: the network
+    is linearised once (`jax.linearize`: the primal forward and its residuals), and
+    K_ss = φφᵀ and the factorisation of K_ss + λI are formed once, since none of them
+    depends on delta. Each evaluation then costs one tangent pass J·delta (and its
+    transpose for the gradient) and two triangular solves.
+    """
+    theta0, x_s, y_s = jax.lax.stop_gradient((theta0, x_s, y_s))
+    (_, feats), tangent = jax.linearize(lambda p: spec.apply_fn({"params": p}, x_s), theta0)
+    k_ss = feats @ feats.T
+    solve = krr_solver(spec, k_ss)
+
+    def loss(delta):
+        offs = tangent(delta)[0]
+        return inner_loss_from_rows(spec, feats, offs, y_s, delta, k_ss=k_ss, solve=solve)
+
+    return loss
 
 
 def label_margin(spec: KrrSpec, y_s: jax.Array) -> jax.Array:

@@ -167,11 +167,17 @@ def inner_loop(ctx: StepContext, model: dict, x_s, y_s, lr, key):
         st = st._replace(count=model["age"])
         base_st = optax.ScaleByAdamState(count=model["age"], mu=model["mu"], nu=model["nu"])
     n_rows = x_s.shape[0]
+    # The base is fixed unless E2 drifts it: linearise and factor once for all steps.
+    all_rows = ctx.inner_sub is None or ctx.inner_sub >= n_rows
+    fixed = krr.fixed_inner_loss(spec, theta0, x_s, y_s) if all_rows and not ctx.faithful_e2 else None
 
     def body(carry, i):
         delta, st, base, base_st = carry
-        idx = _subset(jax.random.fold_in(key, i), n_rows, ctx.inner_sub)
-        loss, g = jax.value_and_grad(lambda d: krr.inner_loss(spec, d, base, x_s, y_s, idx))(delta)
+        if fixed is not None:
+            loss, g = jax.value_and_grad(fixed)(delta)
+        else:
+            idx = _subset(jax.random.fold_in(key, i), n_rows, ctx.inner_sub)
+            loss, g = jax.value_and_grad(lambda d: krr.inner_loss(spec, d, base, x_s, y_s, idx))(delta)
         u, st = adam.update(g, st)
 
         def upd(path, d, u_leaf, g_leaf):
@@ -216,11 +222,17 @@ def hinv_solve(ctx: StepContext, delta, theta0, x_s, y_s, g_t, lr, key, cache=No
     h = jax.tree.map(jnp.zeros_like, g_t)
     adam = optax.scale_by_adam()
     n_rows = x_s.shape[0]
+    hvp_fixed = None
+    if ctx.hinv_sub is None or ctx.hinv_sub >= n_rows:  # all rows: H·v is one linear map, built once
+        hvp_fixed = jax.linearize(jax.grad(krr.fixed_inner_loss(spec, theta0, x_s, y_s)), delta)[1]
 
     def body(carry, i):
         h, st = carry
-        idx = _subset(jax.random.fold_in(key, i), n_rows, ctx.hinv_sub)
-        hh = krr.hvp(spec, delta, theta0, x_s, y_s, h, idx, cache if idx is not None else None)
+        if hvp_fixed is not None:
+            hh = hvp_fixed(h)
+        else:
+            idx = _subset(jax.random.fold_in(key, i), n_rows, ctx.hinv_sub)
+            hh = krr.hvp(spec, delta, theta0, x_s, y_s, h, idx, cache)
         res = krr.tree_vdot(h, jax.tree.map(lambda a, b: a - 2.0 * b, hh, g_t))
         u, st = adam.update(jax.tree.map(jnp.subtract, hh, g_t), st)
         h = jax.tree.map(lambda p, v: p - lr * v, h, u)

@@ -127,6 +127,33 @@ def test_no_retrace_and_no_transfers_per_step():
     # (the engine is shared with other tests; all its calls use the same shapes/shardings)
 
 
+@pytest.mark.parametrize("solve", ["cholesky", "lu"])
+def test_fixed_inner_loss_is_the_inner_loss(solve):
+    """The inner loop's / H-solve's linearise-once form: same value, gradient and H·v."""
+    cs, theta0, delta, _, _ = _inputs()
+    net, spec = _spec()
+    spec = krr.KrrSpec(**{**spec.__dict__, "solve": solve})
+    xs, ys = krr.support(spec, cs)
+    fixed = krr.fixed_inner_loss(spec, theta0, xs, ys)
+    v = jax.tree.map(lambda a: jnp.sin(jnp.arange(a.size, dtype=jnp.float32)).reshape(a.shape), delta)
+    np.testing.assert_allclose(fixed(delta), krr.inner_loss(spec, delta, theta0, xs, ys), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.grad(fixed)(delta)), jax.tree.leaves(krr.inner_grad(spec, delta, theta0, xs, ys))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    hv_fixed = jax.linearize(jax.grad(fixed), delta)[1](v)
+    for a, b in zip(jax.tree.leaves(hv_fixed), jax.tree.leaves(krr.hvp(spec, delta, theta0, xs, ys, v))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_support_rows_are_split_over_the_devices():
+    """On several devices every per-row pass over the support set is partitioned, not repeated."""
+    eng = engine_for(tiny_cfg(), jax.local_devices()[:4])
+    cs = jax.device_put({"x": jnp.zeros((C * IPC, 8, 8, 1)), "y": jnp.zeros((C * IPC, C)), "log_temp": jnp.float32(0)},
+                        eng.replicated)
+    xs, _ = jax.jit(lambda c: krr.support(eng.ctx.spec, c))(cs)
+    assert xs.shape[0] == 2 * C * IPC and xs.sharding.spec[0] == "data" and len(xs.sharding.device_set) == 4
+    assert engine_for(tiny_cfg(), jax.local_devices()[:1]).ctx.spec.row_sharding is None
+
+
 # ---- hypergradient correctness ---------------------------------------------------------
 @pytest.mark.slow
 def test_implicit_gradient_matches_exact_hypergradient():
