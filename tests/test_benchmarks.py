@@ -116,3 +116,19 @@ def test_gpu_all_tiny(tmp_path):
     assert 1 <= rec["tuning"]["probes"] <= 2 and rec["fraction_of_conv_rate"] > 0
     assert (tmp_path / "all" / "digits_shape.json").exists() and (tmp_path / "all" / "micro.json").exists()
     assert "speed-up vs original" in proc.stdout and "achieved TFLOP/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_dtype_quality_tiny(tmp_path):
+    """bf16 vs f32 accuracy script, on the 28x28 (MNIST-shaped) digits it builds itself."""
+    proc, d = run_bench("dtype_quality", ["--tiny", "--data", "mnist_shape", "--steps", "2",
+                                          "--set", "eval.runs=1"], tmp_path / "dq.json")
+    assert [(r["data"], r["dtype"]) for r in d["runs"]] == [("mnist_shape", "float32"), ("mnist_shape", "bfloat16")]
+    for r in d["runs"]:
+        assert r["config"]["compute_dtype"] == r["dtype"] and r["config"]["model"]["depth"] == 3
+        assert r["config"]["dataset"] == "npz" and r["config"]["steps"] == 2
+        assert 0 <= r["acc_mean"] <= 1 and len(r["accs"]) == 1 and r["baseline_mean"] is not None
+        assert r["median_step_s"] > 0 and r["wall_s"] > 0 and r["tuning"]["probes"] >= 1
+    # both dtypes start from the same support set and are evaluated against the same random images
+    assert d["runs"][0]["baseline_mean"] == d["runs"][1]["baseline_mean"]
+    assert "| mnist_shape | bfloat16 |" in proc.stdout and d["mnist_shape_source"].startswith("bundled digits")
