@@ -80,7 +80,8 @@ class OuterConfig:
     # E15: K + λI is symmetric positive definite; Cholesky is the same math as the
     # original's LU (tests/test_reference.py passes with both at the README's tolerances),
     # cheaper, and on XLA:CPU (jax 0.10) an LU solve repeated in a Python-unrolled loop
-    # returned NaN while Cholesky did not (BENCHMARKS.md, "Findings"). "lu" stays available.
+    # returned NaN (BENCHMARKS.md, "Findings"; loops are now scans by default, see
+    # DistillConfig.loop). "lu" stays available.
     solve: Literal["lu", "cholesky"] = "cholesky"
     init: Literal["real", "noise"] = "real"  # §1.3
 
@@ -163,7 +164,11 @@ class DistillConfig:
     preset: str = "digits"
     data_dir: str | None = None
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    loop: Literal["auto", "unroll", "scan"] = "auto"  # inner/H-solve loop form
+    # Inner/H-solve loop form. "auto" = lax.scan on every backend: on XLA:CPU (jax 0.10.2)
+    # some compilations of the Python-unrolled loops gave an inf first inner loss, so the
+    # LR search's outcome varied from process to process (BENCHMARKS.md, "Findings").
+    # "unroll" stays available for measurements.
+    loop: Literal["auto", "unroll", "scan"] = "auto"
     log_every: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)

@@ -42,7 +42,7 @@ def build_context(cfg: DistillConfig, image_shape: tuple[int, int, int], num_cla
         chunk=o.max_forward_batch_size,
         row_sharding=NamedSharding(mesh, P("data")) if mesh is not None and mesh.size > 1 else None,
     )
-    unroll = cfg.loop == "unroll" or (cfg.loop == "auto" and jax.default_backend() == "cpu")
+    unroll = cfg.loop == "unroll"  # "auto" and "scan": lax.scan (see DistillConfig.loop)
     t = cfg.lr_tune
     return step.StepContext(
         spec=spec, net=net, image_shape=tuple(image_shape),

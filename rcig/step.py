@@ -76,7 +76,7 @@ class StepContext:
     mono_fraction: float = 0.7
     lr_decrease: float = 0.9
     lr_increase: float = 1.05
-    unroll: bool = True  # Python-unrolled inner/H loops (fast on CPU) vs lax.scan
+    unroll: bool = False  # lax.scan loops; True: Python-unrolled (see DistillConfig.loop)
 
 
 # ---- small helpers -------------------------------------------------------------------
@@ -306,7 +306,7 @@ def pool_train(ctx: StepContext, model: dict, coreset: dict, n_steps, key) -> di
 
     if not ctx.unroll:  # one loop body with a traced trip count: small program, fast compile
         return jax.lax.fori_loop(0, n_steps, one, model)
-    for i in range(ctx.pool_n_max - 1):  # CPU: unrolled, each step skipped by a cond
+    for i in range(ctx.pool_n_max - 1):  # unrolled form: each step skipped by a cond
         model = jax.lax.cond(i < n_steps, lambda m, i=i: one(i, m), lambda m: m, model)
     return model
 
