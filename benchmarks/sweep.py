@@ -189,6 +189,8 @@ def node_kill(args) -> dict:
                 "completed_with_one_preemption": ok,
             }
             runs.append(run)
+            cluster.add_node(num_cpus=1)  # the replacement VM: the next repeat has a spare node again
+            cluster.wait_for_nodes()
             print(f"kill {r}: killed at step {step_at_kill} (checkpoint {ckpt_at_kill}); next attempt "
                   f"+{run['kill_to_next_attempt_s']:.1f} s, first step +{run['kill_to_first_step_s']:.1f} s, "
                   f"back at step {step_at_kill} +{run['kill_to_caught_up_s']:.1f} s; completed: {ok}", flush=True)
