@@ -165,9 +165,11 @@ class DistillConfig:
     data_dir: str | None = None
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     # Inner/H-solve loop form. "auto" = lax.scan on every backend: on XLA:CPU (jax 0.10.2)
-    # some compilations of the Python-unrolled loops gave an inf first inner loss, so the
-    # LR search's outcome varied from process to process (BENCHMARKS.md, "Findings").
-    # "unroll" stays available for measurements.
+    # some compilations of the Python-unrolled loops gave a garbage first inner loss, so
+    # the LR search's outcome varied from process to process (BENCHMARKS.md, "Findings").
+    # "unroll" (Python-unrolled, with the zero start hidden from XLA's folding, which
+    # cured that in every compile we tried) runs ~2.5x faster on CPU but compiles ~2.5x
+    # slower; it is opt-in.
     loop: Literal["auto", "unroll", "scan"] = "auto"
     log_every: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -91,6 +91,17 @@ def _repeat(ctx: StepContext, body, carry, n: int):
     return jax.lax.scan(body, carry, jnp.arange(n, dtype=jnp.int32))
 
 
+def _opaque_zeros(tree):
+    """Zeros like `tree` that XLA cannot constant-fold into the first loop iteration.
+
+    A loop started from literal zeros lets XLA specialise its first (unrolled) iteration;
+    on XLA:CPU (jax 0.10.2) some compilations of that specialised inner loop returned a
+    garbage first loss (inf, 1e8, 7e16): 7 of 8 fresh compiles without this barrier, 0 of
+    8 with it (BENCHMARKS.md, "Findings"). Same values; only the program changes.
+    """
+    return jax.lax.optimization_barrier(jax.tree.map(jnp.zeros_like, tree))
+
+
 def _subset(key, n: int, size: int | None):
     if size is None or size >= n:
         return None
@@ -159,7 +170,7 @@ def inner_loop(ctx: StepContext, model: dict, x_s, y_s, lr, key):
     """§4.2: n_inner Adam steps on delta from 0. Returns (delta*, theta0', losses)."""
     spec = ctx.spec
     theta0 = model["params"]
-    delta = jax.tree.map(jnp.zeros_like, theta0)
+    delta = _opaque_zeros(theta0)
     adam = optax.scale_by_adam()
     st = adam.init(delta)
     base_st = None
@@ -219,7 +230,7 @@ def direct_gradient(ctx: StepContext, coreset, delta, theta0, x_t, y_t, caches, 
 def hinv_solve(ctx: StepContext, delta, theta0, x_s, y_s, g_t, lr, key, cache=None):
     """§5.3: h ≈ H⁻¹ g_t by n_hinv Adam steps on ½hᵀHh − g_tᵀh. Returns (h, residuals)."""
     spec = ctx.spec
-    h = jax.tree.map(jnp.zeros_like, g_t)
+    h = _opaque_zeros(g_t)
     adam = optax.scale_by_adam()
     n_rows = x_s.shape[0]
     hvp_fixed = None
