@@ -257,7 +257,7 @@ PRESETS: dict[str, DistillConfig] = {
     # (digits are not mirror-symmetric), digit-safe augmentations for evaluation.
     "digits": DistillConfig(
         preset="digits",
-        steps=1000,  # ~8 steps/s on 2 CPU cores: a few minutes with LR search and eval
+        steps=1000,  # ~3.5 steps/s on 2 CPU cores: ~5 minutes with LR search and eval
         model=ModelConfig(width=32),
         outer=OuterConfig(real_batch_size=256, use_flip=False),
         pool=PoolConfig(model_count=10),
