@@ -109,16 +109,9 @@ def rows_with_grad(
     return feats, offs
 
 
-def krr_solve(spec: KrrSpec, k_nxn: jax.Array, rhs: jax.Array) -> jax.Array:
-    """(K + λI)^-1 rhs: general LU solve (the original) or Cholesky (E15 option)."""
-    a = k_nxn + spec.lam * jnp.eye(k_nxn.shape[0], dtype=k_nxn.dtype)
-    if spec.solve == "cholesky":
-        return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a, lower=True), rhs)
-    return jnp.linalg.solve(a, rhs)
-
-
 def krr_solver(spec: KrrSpec, k_nxn: jax.Array) -> Callable[[jax.Array], jax.Array]:
-    """rhs -> (K + λI)^-1 rhs with K + λI factored once (Cholesky, or LU with pivoting)."""
+    """rhs -> (K + λI)^-1 rhs with K + λI factored once: Cholesky (E15 option), or the
+    original's general LU (with pivoting)."""
     a = k_nxn + spec.lam * jnp.eye(k_nxn.shape[0], dtype=k_nxn.dtype)
     if spec.solve == "cholesky":
         c = jax.scipy.linalg.cho_factor(a, lower=True)
@@ -127,11 +120,16 @@ def krr_solver(spec: KrrSpec, k_nxn: jax.Array) -> Callable[[jax.Array], jax.Arr
     return lambda rhs: jax.scipy.linalg.lu_solve(lu, rhs)
 
 
+def krr_solve(spec: KrrSpec, k_nxn: jax.Array, rhs: jax.Array) -> jax.Array:
+    """(K + λI)^-1 rhs, one right-hand side, one factorisation."""
+    return krr_solver(spec, k_nxn)(rhs)
+
+
 def inner_loss_from_rows(spec: KrrSpec, feats_s, offs_s, y_s, delta, k_ss=None, solve=None) -> jax.Array:
     n, c = y_s.shape
     if k_ss is None:
         k_ss = feats_s @ feats_s.T
-    a = solve(y_s - offs_s) if solve is not None else krr_solve(spec, k_ss, y_s - offs_s)
+    a = (solve or krr_solver(spec, k_ss))(y_s - offs_s)
     k_a = k_ss @ a
     preds = offs_s + k_a
     sq_err = jnp.sum(jnp.square(y_s - preds))
