@@ -27,15 +27,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 
 from rcig import storage
+from rcig.config import run_differences
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IGNORE = ("steps", "checkpoint", "log_every", "eval")
 _TRANSIENT_MARKERS = (
     "unavailable", "deadline", "timed out", "timeout", "connection", "temporar",
     "reset by peer", "broken pipe", "disconnected", "empty reply", "out of retries",
@@ -79,37 +79,6 @@ def should_save(
     by_steps = every_steps > 0 and step % every_steps == 0
     by_time = every_seconds > 0 and (now - last_time) >= every_seconds
     return bool(by_steps or by_time)
-
-
-def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"dotted.key": leaf}. Example: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten_config(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def config_differences(saved: dict, current: dict, ignore: Sequence[str] = DEFAULT_IGNORE) -> list[str]:
-    """Dotted keys whose values differ, as ``"key (saved X, now Y)"``; `ignore` prunes
-    a key and everything under it. Example: ``config_differences({"ipc": 1}, {"ipc": 2})
-    == ["ipc (saved 1, now 2)"]``."""
-    a = flatten_config(json.loads(json.dumps(saved)))
-    b = flatten_config(json.loads(json.dumps(current)))
-
-    def ignored(key: str) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in ignore)
-
-    missing = object()
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, missing), b.get(key, missing)
-        if ignored(key) or va == vb:
-            continue
-        show = lambda v: "<absent>" if v is missing else json.dumps(v)  # noqa: E731
-        out.append(f"{key} (saved {show(va)}, now {show(vb)})")
-    return out
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -399,9 +368,10 @@ class CheckpointStore:
         out = self._retry("read config", step, lambda: self._mgr.restore(step, args=args))
         return dict(out["config"])
 
-    def check_config(self, config: dict, *, ignore: tuple[str, ...] = DEFAULT_IGNORE) -> None:
-        """Raise `ConfigMismatchError` naming every dotted key (not under `ignore`) where
-        `config` differs from the config of the newest checkpoint; no checkpoint: no-op.
+    def check_config(self, config: dict) -> None:
+        """Raise `ConfigMismatchError` naming every identity field where `config` is
+        another run than the newest checkpoint's (`rcig.config.run_differences`, resume
+        rules: `steps` may change); no checkpoint: no-op.
 
         Example: ``store.check_config(cfg.to_dict())`` ->
         ``ConfigMismatchError: gs://b/run/checkpoints step 50: ... ipc (saved 1, now 10)``
@@ -410,7 +380,7 @@ class CheckpointStore:
         if step is None:
             return
         saved = self.read_config(step)
-        diffs = config_differences(saved or {}, config, ignore)
+        diffs = run_differences(saved or {}, config, resume=True)
         if diffs:
             raise ConfigMismatchError(
                 f"{self.uri} step {step}: checkpoint was written with a different config: "

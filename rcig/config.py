@@ -450,3 +450,101 @@ def validate(cfg: DistillConfig) -> None:
             raise ConfigError(f"{key}: {msg}")
     if cfg.preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {cfg.preset!r}")
+
+
+# ---- run identity: what makes two configs "the same run" -------------------------------
+# Fields that never change the distilled set: where the data is read from, the checkpoint
+# policy, the evaluation protocol, logging, the loop form (lax.scan or unrolled: the same
+# math), and the preset's name (its values are in the resolved fields).
+NOT_IDENTITY: tuple[str, ...] = ("data_dir", "checkpoint", "eval", "log_every", "loop", "preset")
+# Identity fields a resumed run may change: a rerun may extend (or shorten) `steps`.
+RESUME_MAY_CHANGE: tuple[str, ...] = ("steps",)
+# Identity fields listed even at their defaults (so a key's contents read plainly).
+ALWAYS_LISTED: tuple[str, ...] = ("dataset", "ipc", "seed", "steps")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+_DEFAULTS: dict[str, Any] | None = None
+
+
+def run_identity(cfg: "DistillConfig | Mapping[str, Any]") -> dict[str, Any]:
+    """The fields that change the distilled set, as a flat, sorted ``{"dotted.key": value}``.
+
+    A field at its class default is left out (except `ALWAYS_LISTED`), so a release that adds a field (with a
+    default that keeps today's behaviour) does not change any run's identity. Accepts a
+    `DistillConfig` or its dict (e.g. a `config.json` or a checkpoint's config, possibly
+    written by another release: unknown keys are kept, missing ones count as defaults).
+
+    Example:
+        >>> ident = run_identity(make_config("digits", 1, overrides=["steps=50"]))
+        >>> ident["steps"], ident["model.width"], "eval.runs" in ident
+        (50, 32, False)
+    """
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = _flat(json.loads(json.dumps(DistillConfig().to_dict())))
+    d = cfg.to_dict() if isinstance(cfg, DistillConfig) else cfg
+    flat = _flat(json.loads(json.dumps(d)))  # JSON round trip: tuples -> lists, like a file
+    missing = object()
+    return {k: flat[k] for k in sorted(flat)
+            if not _under(k, NOT_IDENTITY)
+            and (k in ALWAYS_LISTED or flat[k] != _DEFAULTS.get(k, missing))}
+
+
+def identity_hash(cfg: "DistillConfig | Mapping[str, Any]") -> str:
+    """sha256 (hex) of `run_identity(cfg)` as canonical JSON: equal hashes, same run.
+
+    Example:
+        >>> a = make_config("digits", 1)
+        >>> identity_hash(a) == identity_hash(apply_overrides(a, ["eval.runs=10"]))
+        True
+        >>> identity_hash(a) == identity_hash(apply_overrides(a, ["model.width=64"]))
+        False
+    """
+    blob = json.dumps(run_identity(cfg), sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_differences(a: "DistillConfig | Mapping[str, Any]", b: "DistillConfig | Mapping[str, Any]",
+                    *, resume: bool = False) -> list[str]:
+    """How `b` differs from `a` as runs: one ``"dotted.key (saved X, now Y)"`` per identity
+    field (a field absent on one side is at its default). Empty: the same run. With
+    `resume`, fields a resumed run may change (`RESUME_MAY_CHANGE`) are not compared.
+
+    This is the one definition of "the same run": trial keys (`identity_hash`), resuming a
+    run folder and checking a checkpoint's config all use it.
+
+    Example:
+        >>> a = make_config("digits", 1)
+        >>> run_differences(a, apply_overrides(a, ["ipc=2", "eval.runs=3"]))
+        ['ipc (saved 1, now 2)']
+        >>> run_differences(a, apply_overrides(a, ["steps=5"]), resume=True)
+        []
+    """
+    global _DEFAULTS
+    ia, ib = run_identity(a), run_identity(b)
+    assert _DEFAULTS is not None
+    missing = object()
+
+    def show(key: str, ident: dict) -> str:
+        v = ident.get(key, _DEFAULTS.get(key, missing))
+        return "<absent>" if v is missing else json.dumps(v)
+
+    out = []
+    for key in sorted(set(ia) | set(ib)):
+        if ia.get(key, missing) == ib.get(key, missing) or (resume and _under(key, RESUME_MAY_CHANGE)):
+            continue
+        out.append(f"{key} (saved {show(key, ia)}, now {show(key, ib)})")
+    return out

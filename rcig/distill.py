@@ -31,8 +31,6 @@ from rcig.config import DistillConfig, validate
 
 from rcig.preemption import EXIT_PREEMPTED  # noqa: E402,F401  (re-exported for callers)
 
-# Fields that may differ between a checkpoint and the command resuming it.
-RESUME_IGNORE = ("steps", "checkpoint", "log_every", "eval", "data_dir", "loop")
 
 
 class NonFiniteError(FloatingPointError):
@@ -146,7 +144,7 @@ def run_distillation(
 
     tuning = None
     if latest is not None:
-        store.check_config(cfg_dict, ignore=RESUME_IGNORE)
+        store.check_config(cfg_dict)
         state, _ = store.restore(engine.abstract_state(n_images), latest)
         start = int(state["step"])
     else:

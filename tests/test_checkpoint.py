@@ -19,9 +19,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from faultproxy import FaultProxy
-from rcig.checkpoint import (CheckpointError, CheckpointStore, ConfigMismatchError,
-                             config_differences, should_save)
-from rcig.config import make_config
+from rcig.checkpoint import CheckpointError, CheckpointStore, ConfigMismatchError, should_save
+from rcig.config import (DistillConfig, apply_overrides, identity_hash, make_config, run_differences,
+                         run_identity)
 from rcig.preemption import (EXIT_PREEMPTED, GcePreemptionWatcher, StopSignal, on_gce,
                              stop_reason, stop_requested)
 
@@ -178,7 +178,8 @@ def test_config_mismatch_names_fields(tmp_path):
         store.check_config(CFG)  # nothing saved yet: nothing to compare
         store.save(5, {"w": jnp.zeros(2)}, CFG)
         store.wait()
-        same_but_longer = make_config(dataset="digits", ipc=1, overrides=["steps=999", "checkpoint.every_steps=7"])
+        same_but_longer = make_config(dataset="digits", ipc=1, overrides=[
+            "steps=999", "checkpoint.every_steps=7", "eval.runs=2", "loop=unroll", "data_dir=/elsewhere"])
         store.check_config(same_but_longer.to_dict())
         other = make_config(dataset="digits", ipc=10, overrides=["model.width=8"]).to_dict()
         with pytest.raises(ConfigMismatchError) as e:
@@ -186,7 +187,41 @@ def test_config_mismatch_names_fields(tmp_path):
     msg = str(e.value)
     assert "ipc (saved 1, now 10)" in msg and "model.width (saved 32, now 8)" in msg
     assert "step 5" in msg and str(tmp_path) in msg and "steps (" not in msg
-    assert config_differences({"a": {"b": 1}}, {"a": {}}) == ["a.b (saved 1, now <absent>)"]
+
+
+# ---- run identity: one definition for trial keys, resume and checkpoint checks ----------
+def test_identity_ignores_fields_at_their_default_and_non_identity_fields():
+    cfg = make_config("digits", 1, overrides=["steps=20"])
+    # A config written before a field existed (the field absent) is the same run as one
+    # with the field at its default: drop a defaulted field from the dict and compare.
+    d = json.loads(cfg.to_json())
+    assert d["outer"]["solve"] == DistillConfig().outer.solve
+    del d["outer"]["solve"], d["lr_tune"]["batch"]
+    assert identity_hash(d) == identity_hash(cfg) and run_differences(d, cfg) == []
+    # evaluation, checkpoint policy, logging, data location, loop form: not identity
+    same = apply_overrides(cfg, ["eval.runs=10", "checkpoint.keep=9", "log_every=3",
+                                 "data_dir=/x", "loop=unroll"])
+    assert identity_hash(same) == identity_hash(cfg) and run_differences(cfg, same) == []
+    ident = run_identity(cfg)
+    assert list(ident) == sorted(ident)
+    assert {"dataset", "ipc", "seed", "steps"} <= set(ident) and json.loads(json.dumps(ident)) == ident
+    assert not any(k.startswith(("eval.", "checkpoint.")) for k in ident)
+
+
+def test_identity_changes_with_fields_that_change_the_distilled_set():
+    cfg = make_config("digits", 1, overrides=["steps=20"])
+    h = identity_hash(cfg)
+    assert len(h) == 64 and int(h, 16) >= 0
+    for o in ["model.width=64", "seed=1", "ipc=2", "steps=21", "inner.n_steps=5", "compute_dtype=bfloat16"]:
+        assert identity_hash(apply_overrides(cfg, [o])) != h, o
+    assert run_differences(cfg, apply_overrides(cfg, ["model.width=64"])) == ["model.width (saved 32, now 64)"]
+    # resume may extend steps; nothing else
+    longer = apply_overrides(cfg, ["steps=40"])
+    assert run_differences(cfg, longer) == ["steps (saved 20, now 40)"]
+    assert run_differences(cfg, longer, resume=True) == []
+    # a field a later release removed (unknown here) still counts
+    d = cfg.to_dict() | {"future": 3}
+    assert run_differences(cfg, d) == ["future (saved <absent>, now 3)"]
 
 
 def test_unreadable_checkpoints_raise_checkpoint_error(tmp_path):
