@@ -270,7 +270,7 @@ def best_cmd(
     top: int = typer.Option(5, "--top", help="How many trials to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Leaderboard of a sweep, best first, with accelerator-hours and cost.
+    """Leaderboard of a sweep, best first, with the random-real baseline, accelerator-hours and cost.
 
     Example: rcig best quickstart --top 3
     """
@@ -285,10 +285,13 @@ def best_cmd(
     if as_json:
         typer.echo(_json.dumps(rows, indent=1, default=str))
         return
-    typer.echo(f"{'#':>2} {'trial':46} {rows[0]['metric']:>12} {'eval±std':>15} {'state':10} {'acc-h':>7} {'cost':>8}")
+    typer.echo(f"{'#':>2} {'trial':46} {rows[0]['metric']:>12} {'eval±std':>15} {'random±std':>15} "
+               f"{'state':10} {'acc-h':>7} {'cost':>8}")
     for r in rows:
         ev = f"{_fmt(r['eval_mean'])}±{_fmt(r['eval_std'], '.3f')}" if r["eval_mean"] is not None else "-"
-        typer.echo(f"{r['rank']:>2} {r['key'][:46]:46} {r['value']:>12.4f} {ev:>15} {r['status']:10} "
+        rnd = (f"{_fmt(r['baseline_mean'])}±{_fmt(r['baseline_std'], '.3f')}"
+               if r.get("baseline_mean") is not None else "-")
+        typer.echo(f"{r['rank']:>2} {r['key'][:46]:46} {r['value']:>12.4f} {ev:>15} {rnd:>15} {r['status']:10} "
                    f"{r['accelerator_hours']:>7.3f} {_fmt(r['cost'], '.2f'):>8}")
     typer.echo(f"next: rcig fetch {sweep} --to best/   |   rcig report {sweep}")
 

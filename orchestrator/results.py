@@ -37,6 +37,7 @@ def trial_row(rec: mf.TrialRecord, price: float | None) -> dict[str, Any]:
     """One trial as a flat dict (what `status --json` prints per trial)."""
     steps = (rec.config or {}).get("steps")
     hours = rec.accelerator_s / 3600
+    base = (rec.eval or {}).get("baseline") or {}
     row = {
         "key": rec.key, "status": rec.status, "step": rec.step, "steps": steps,
         "checkpoint_step": rec.checkpoint_step, "params": rec.params,
@@ -44,6 +45,8 @@ def trial_row(rec: mf.TrialRecord, price: float | None) -> dict[str, Any]:
         "attempts": rec.attempts, "accelerator_unit": rec.accelerator_unit,
         "accelerator_hours": hours, "cost": hours * price if price is not None else None,
         "eval_mean": (rec.eval or {}).get("mean"), "eval_std": (rec.eval or {}).get("std"),
+        # random real images of the same ipc, trained the same way (absent with baseline off)
+        "baseline_mean": base.get("mean"), "baseline_std": base.get("std"),
         "updated_ago_s": time.time() - rec.updated if rec.updated else None,
         "error": rec.last_error() if rec.status in (mf.ERROR, mf.FAILED) else None,
     }
@@ -110,9 +113,36 @@ def _count(recs: list[mf.TrialRecord]) -> dict[str, int]:
     return c
 
 
+COMMIT_MARKER = "commit_success.txt"
+
+
+def committed_steps(run_uri: str) -> list[int]:
+    """Checkpoint steps of a run folder whose save finished, ascending.
+
+    Orbax decides what is finalized (locally: the folder was renamed from its temporary
+    name; on gs://: it holds `commit_success.txt`, since a step folder in progress has no
+    temporary suffix there). A step must also hold the commit marker itself: Orbax writes
+    it into every step before the commit, so a digit-named folder without one (a copy or
+    sync cut short) is not a checkpoint either.
+    """
+    ckpt_uri = storage.join(run_uri, "checkpoints")
+    if not storage.exists(ckpt_uri):
+        return []
+    from rcig.checkpoint import CheckpointStore
+
+    store = CheckpointStore(run_uri, async_save=False)
+    try:
+        listed = store.all_steps()
+    finally:
+        store.close()
+    return sorted(s for s in listed
+                  if storage.exists(storage.join(ckpt_uri, str(s), COMMIT_MARKER)))
+
+
 def fetch(name_or_uri: str, to_dir: str, trial: str | None = None) -> dict[str, Any]:
     """Copy the best (or the named) trial's distilled set, eval, config and final
-    checkpoint into `to_dir`; return {"key", "files", "checkpoint_step"}."""
+    checkpoint (the newest committed step) into `to_dir`; return {"key", "files",
+    "checkpoint_step"}."""
     uri = resolve_sweep(name_or_uri)
     recs = {r.key: r for r in mf.read_records(uri)}
     if trial is None:
@@ -134,8 +164,8 @@ def fetch(name_or_uri: str, to_dir: str, trial: str | None = None) -> dict[str, 
         if storage.exists(storage.join(src, name)):
             storage.download(storage.join(src, name), os.path.join(to_dir, name))
             files.append(name)
-    steps = [int(n) for n in storage.listdir(storage.join(src, "checkpoints")) if n.isdigit()]
-    ckpt = max(steps) if steps else None
+    steps = committed_steps(src)
+    ckpt = steps[-1] if steps else None
     if ckpt is not None:
         dest = os.path.join(to_dir, "checkpoint", str(ckpt))
         storage.download(storage.join(src, "checkpoints", str(ckpt)), dest)
