@@ -36,9 +36,9 @@ from orchestrator.cluster_checks import (
     placeholder_problems,
     setup_command_problems,
 )
+from orchestrator.devices import ACCELERATOR_TYPE_DEMAND, ray_bundle  # noqa: F401 - re-exported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ACCELERATOR_TYPE_DEMAND = 0.001  # what a trial asks of `accelerator_type:<X>` (Ray's convention)
 
 
 class ClusterConfigError(ValueError):
@@ -131,23 +131,23 @@ def _ray_schema() -> dict:
 
 
 def bundle_from_resources(resources: Mapping[str, Any] | None) -> dict[str, float]:
-    """Map a spec's per-trial `resources:` block to the Ray resource bundle a trial asks.
+    """Map a spec's per-trial `resources:` block to the Ray resource bundle a trial asks:
+    the block is checked as the spec loader checks it (`orchestrator.spec.Resources`),
+    then `orchestrator.devices.ray_bundle` names it for Ray.
 
     Example:
         >>> bundle_from_resources({"cpu": 8, "tpu": 4, "accelerator_type": "TPU-V4"})
-        {'CPU': 8, 'TPU': 4, 'accelerator_type:TPU-V4': 0.001}
+        {'CPU': 8.0, 'TPU': 4.0, 'accelerator_type:TPU-V4': 0.001}
         >>> bundle_from_resources({"cpu": 2})
-        {'CPU': 2}
+        {'CPU': 2.0}
     """
-    res = dict(resources or {})
-    bundle: dict[str, float] = {}
-    for key, ray_key in (("cpu", "CPU"), ("gpu", "GPU"), ("tpu", "TPU")):
-        value = res.get(key, 1 if key == "cpu" else 0) or 0
-        if value:
-            bundle[ray_key] = value
-    if res.get("accelerator_type"):
-        bundle[f"accelerator_type:{res['accelerator_type']}"] = ACCELERATOR_TYPE_DEMAND
-    return bundle
+    from orchestrator.spec import Resources, from_mapping
+
+    problems: list[str] = []
+    res = from_mapping(Resources, resources, "resources", problems)
+    if res is None:
+        raise ClusterConfigError("; ".join(problems))
+    return ray_bundle(res)
 
 
 def launchable_node_types(cluster_config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -204,29 +204,19 @@ def shipped_specs(root: str | Path = REPO_ROOT) -> list[Path]:
 
 
 def spec_bundle(spec_path: str | Path) -> dict[str, float]:
-    """Read a sweep spec with plain YAML and return its per-trial Ray bundle.
-
-    The block is the spec's top-level `resources:` (keys cpu, gpu, tpu, accelerator_type);
-    a spec without one asks for one CPU.
-    """
+    """Read a sweep spec's `resources:` block (plain YAML: the rest of the spec is not
+    needed here) and return its per-trial Ray bundle; a spec without one asks for one CPU.
+    The block is checked by the spec loader's own rules (`bundle_from_resources`)."""
     p = Path(spec_path)
     try:
         spec = yaml.safe_load(p.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ClusterConfigError(f"{p}: cannot read sweep spec: {exc}") from None
     res = spec.get("resources") if isinstance(spec, dict) else None
-    if res is None:
-        return bundle_from_resources({})
-    if not isinstance(res, dict):
-        raise ClusterConfigError(f"{p}: resources: must be a mapping of cpu/gpu/tpu/accelerator_type")
-    unknown = set(res) - {"cpu", "gpu", "tpu", "accelerator_type"}
-    if unknown:
-        raise ClusterConfigError(f"{p}: resources.{sorted(unknown)[0]}: unknown key (cpu, gpu, tpu, accelerator_type)")
-    for key in ("cpu", "gpu", "tpu"):
-        value = res.get(key, 0)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ClusterConfigError(f"{p}: resources.{key}: must be a number >= 0, got {value!r}")
-    return bundle_from_resources(res)
+    try:
+        return bundle_from_resources(res)
+    except ClusterConfigError as exc:
+        raise ClusterConfigError(f"{p}: {exc}") from None
 
 
 def spec_runs_on(bundle: Mapping[str, float], cluster_config: Mapping[str, Any]) -> bool:

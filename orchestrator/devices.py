@@ -38,17 +38,55 @@ GPU_MEMORY_FRACTION = 0.9  # of the trial's share of a GPU; the rest is for cuDN
 _FORCE_DEVICES = re.compile(r"\s*--xla_force_host_platform_device_count=\S*")
 
 
-def _amount(resources: Mapping[str, Any], name: str) -> float:
-    # Accept the spec's block (cpu/gpu/tpu) and Ray's bundle keys (CPU/GPU/TPU).
+ACCELERATOR_TYPE_DEMAND = 0.001  # what a trial asks of `accelerator_type:<X>` (Ray's convention)
+
+
+def _amount(resources: Any, name: str) -> float:
+    # Accept the spec's block (typed, or a mapping with cpu/gpu/tpu) and Ray's bundle keys.
+    if not isinstance(resources, Mapping):
+        return float(getattr(resources, name.lower(), 0) or 0)
     value = resources.get(name.lower(), resources.get(name.upper(), 0))
     return float(value or 0)
 
 
-def trial_device_env(resources: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+def ray_bundle(resources: Any) -> dict[str, float]:
+    """The Ray resource bundle one trial asks for: the only place a spec's `resources`
+    block (cpu, gpu, tpu, accelerator_type) becomes Ray's names.
+
+    Example:
+        >>> ray_bundle({"cpu": 8, "tpu": 4, "accelerator_type": "TPU-V4"})
+        {'CPU': 8.0, 'TPU': 4.0, 'accelerator_type:TPU-V4': 0.001}
+        >>> ray_bundle({"cpu": 2})
+        {'CPU': 2.0}
+    """
+    bundle = {ray_key: _amount(resources, ray_key) for ray_key in ("CPU", "GPU", "TPU")}
+    bundle = {k: v for k, v in bundle.items() if v}
+    acc = (resources.get("accelerator_type") if isinstance(resources, Mapping)
+           else getattr(resources, "accelerator_type", None))
+    if acc:
+        bundle[f"accelerator_type:{acc}"] = ACCELERATOR_TYPE_DEMAND
+    return bundle
+
+
+def trial_devices(resources: Any) -> tuple[int, str]:
+    """(devices, unit) a trial's JAX mesh has: its TPU chips, else its GPUs, else one CPU
+    device per CPU (see `trial_device_env`). Also the accelerator count it is billed for.
+
+    Example:
+        >>> trial_devices({"cpu": 8, "tpu": 4}), trial_devices({"cpu": 3})
+        ((4, 'tpu'), (3, 'cpu'))
+    """
+    for unit in ("tpu", "gpu"):
+        if _amount(resources, unit) > 0:
+            return max(1, int(_amount(resources, unit))), unit
+    return max(1, int(_amount(resources, "cpu") or 1)), "cpu"
+
+
+def trial_device_env(resources: Any, environ: Mapping[str, str]) -> dict[str, str]:
     """Environment variables a trial with these resources should set (pure function).
 
-    `resources` is the spec's per-trial block (`cpu`, `gpu`, `tpu`, `accelerator_type`)
-    or a Ray bundle (`CPU`, `GPU`, `TPU`). `environ` is the current environment; values
+    `resources` is the spec's per-trial block (`cpu`, `gpu`, `tpu`, `accelerator_type`;
+    the typed `orchestrator.spec.Resources` or a mapping) or a Ray bundle (`CPU`, `GPU`, `TPU`). `environ` is the current environment; values
     the user already set for the GPU memory variables are kept. Variables Ray manages
     (`TPU_VISIBLE_CHIPS`, `CUDA_VISIBLE_DEVICES`) are never changed here.
 
@@ -73,7 +111,7 @@ def trial_device_env(resources: Mapping[str, Any], environ: Mapping[str, str]) -
         )
     else:
         env["JAX_PLATFORMS"] = "cpu"
-        count = max(1, int(_amount(resources, "cpu") or 1))
+        count, _ = trial_devices(resources)
         stripped = f"{stripped} --xla_force_host_platform_device_count={count}".strip()
     if stripped != flags:
         env["XLA_FLAGS"] = stripped
@@ -121,7 +159,7 @@ def clean_stale_libtpu_lockfile(path: str | Path = LIBTPU_LOCKFILE) -> bool:
 
 
 def configure_trial_devices(
-    resources: Mapping[str, Any],
+    resources: Any,
     environ: MutableMapping[str, str] | None = None,
     *,
     lockfile: str | Path = LIBTPU_LOCKFILE,

@@ -76,7 +76,7 @@ MALFORMED = [
     ("resource-typo", GOOD + "resources: {gpus: 1}\n", "resources.gpus", "did you mean 'gpu'"),
     ("asha-metric", GOOD + "scheduler: {type: asha}\n", "scheduler.metric", "missing"),
     ("scheduler-type", GOOD + "scheduler: {type: pbt, metric: outer/loss}\n", "scheduler.type", "asha"),
-    ("mode", GOOD + "mode: maximize\n", "mode", "min or max"),
+    ("mode", GOOD + "mode: maximize\n", "mode", "expected one of ['min', 'max']"),
     ("max-failures", GOOD + "max_failures: -1\n", "max_failures", ">= 0"),
     ("concurrency", GOOD + "max_concurrent: 0\n", "max_concurrent", ">= 1"),
     ("cost", GOOD + "cost: {per_accelerator_hour: -2}\n", "cost.per_accelerator_hour", ">= 0"),
@@ -151,7 +151,7 @@ def test_one_spec_per_paper_setting():
 
 def test_quickstart_is_laptop_sized():
     spec = load_spec(ROOT / "sweeps/quickstart.yaml")
-    assert spec.dataset == "digits" and spec.resources == {"cpu": 1, "gpu": 0, "tpu": 0, "accelerator_type": None}
+    assert spec.dataset == "digits" and spec.resources.as_dict() == {"cpu": 1, "gpu": 0, "tpu": 0, "accelerator_type": None}
     assert 2 <= spec.grid_size() <= 6 and spec.max_concurrent <= 2
 
 
