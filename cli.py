@@ -189,9 +189,12 @@ def sweep_launch_cmd(
 
     Example: rcig sweep launch sweeps/quickstart.yaml --set steps=30
     """
+    from orchestrator.spec import load_spec
     from orchestrator.sweep import launch
 
     try:
+        # Everything knowable before launch, the trials' data included, before Ray starts.
+        load_spec(spec, sets=list(set_), storage=storage, name=name, check_data=True)
         out = launch(spec, storage_uri=storage, name=name, address=address, sets=list(set_))
     except _sweep_user_errors() as e:
         _sweep_fail(str(e))
