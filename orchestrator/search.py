@@ -15,7 +15,7 @@ Example:
     >>> sorted(SEARCHERS), sorted(SCHEDULERS)
     (['grid', 'optuna', 'random'], ['asha', 'fifo', 'none'])
     >>> DISTRIBUTIONS["randint"].probes([2, 5])
-    [2, 4]
+    [2, 3, 4]
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ DISTRIBUTIONS: dict[str, Distribution] = {
                      _tune("uniform"), False),
         Distribution("loguniform", _range("loguniform"), lambda v: [v[0], v[1], (v[0] + v[1]) / 2 + 1e-9],
                      _tune("loguniform"), False),
-        Distribution("randint", _range("randint"), lambda v: [v[0], v[1] - 1], _tune("randint"), False),
+        # Its ends, and the value after the first (two neighbours: what a divisibility needs).
+        Distribution("randint", _range("randint"), lambda v: sorted({v[0], min(v[0] + 1, v[1] - 1), v[1] - 1}),
+                     _tune("randint"), False),
     )
 }
 
