@@ -56,13 +56,15 @@ def distill_cmd(
         _fail(str(e))
     out = out or f"runs/{cfg.dataset}_ipc{cfg.ipc}_seed{cfg.seed}"
     from rcig.distill import EXIT_PREEMPTED, run_distillation
-    from rcig.preemption import GcePreemptionWatcher, StopSignal, stop_requested
+    from rcig.preemption import GcePreemptionWatcher, StopControl
 
     typer.echo(f"distilling {cfg.dataset} ipc={cfg.ipc} preset={cfg.preset} steps={cfg.steps} -> {out}", err=True)
     try:
-        with StopSignal() as sig, GcePreemptionWatcher() as gce:
+        # A stop request (SIGTERM/SIGINT, GCE notice) is honoured in every phase: the
+        # step loop checkpoints and returns; elsewhere the process exits 75 at once.
+        with GcePreemptionWatcher() as gce, StopControl(sources=(gce,)) as stop:
             res = run_distillation(cfg, out, restart=restart, force=force, run_eval=not no_eval,
-                                   stop_requested=lambda: stop_requested(sig, gce), progress=not quiet)
+                                   stop_requested=stop.requested, progress=not quiet)
     except Exception as e:  # user-facing: one line, no traceback
         if os.environ.get("RCIG_DEBUG"):
             raise

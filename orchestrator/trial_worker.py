@@ -5,8 +5,10 @@ thread of its actor, and Ray's worker turns SIGTERM into an immediate exit of it
 thread. Here the distillation runs in the main thread of its own process, so:
 
 - SIGTERM / SIGINT (a preemption notice) and GCE's `instance/preempted` flag reach
-  `rcig.preemption`, and the run checkpoints the step it is on and exits with
-  `EXIT_PREEMPTED` (75);
+  `rcig.preemption.StopControl`: in the step loop the run checkpoints the step it is on;
+  in any other phase (data loading, LR search, compilation, evaluation) the process
+  ends at once; either way within seconds, with `EXIT_PREEMPTED` (75) and a `result`
+  event saying which checkpoint is committed;
 - the device environment (`orchestrator.devices`) is set before jax is imported, and
   all accelerator memory is returned when the attempt ends;
 - if the Ray worker dies (node loss, driver loss, `ray.kill`), the kernel sends this
@@ -98,10 +100,29 @@ def main(argv: list[str]) -> int:
         except (BrokenPipeError, OSError):
             pass  # parent gone: keep going, the notice path checkpoints and exits
 
-    from rcig.preemption import GcePreemptionWatcher, StopSignal, stop_requested
+    from rcig.preemption import GcePreemptionWatcher, StopControl
 
-    # GCE's instance/preempted flag is polled only on GCE (decided from DMI, no probe).
-    with StopSignal() as stop, GcePreemptionWatcher() as gce:
+    lease = None
+
+    def report_stopped(phase: str) -> None:
+        """Before a stop request ends the process outside the step loop (exit 75): tell
+        the parent what is committed, and release the lease."""
+        step = None
+        try:
+            from rcig.checkpoint import CheckpointStore
+
+            step = CheckpointStore(job["out_uri"]).latest_step()
+        except Exception:  # noqa: BLE001 - unknown: the parent keeps what it last heard
+            pass
+        emit({"event": "result", "out_uri": job["out_uri"], "status": "preempted", "step": step,
+              "final_metrics": {}, "eval": None, "checkpoint_step": step, "phase": phase})
+        if lease is not None:
+            lease.release()
+
+    # GCE's instance/preempted flag is polled only on GCE (decided from DMI, no probe). A
+    # stop request is honoured in every phase (rcig.preemption.StopControl): the step loop
+    # checkpoints and returns; elsewhere the process exits 75 after `report_stopped`.
+    with GcePreemptionWatcher() as gce, StopControl(sources=(gce,), on_abort=report_stopped) as stop:
         if os.getppid() != job["parent_pid"]:  # parent died before the death signal was armed
             os.kill(os.getpid(), signal.SIGTERM)
         lease = _Lease(job["out_uri"], job["attempt"])
@@ -114,7 +135,7 @@ def main(argv: list[str]) -> int:
                 cfg, job["out_uri"], run_eval=True, progress=False,
                 on_metrics=lambda s, m: emit({"event": "metrics", "step": int(s), "metrics": m}),
                 on_checkpoint=lambda s: emit({"event": "checkpoint", "step": int(s)}),
-                stop_requested=lambda: stop_requested(stop, gce),
+                stop_requested=stop.requested,
             )
         except BaseException:  # noqa: BLE001 - everything goes back to the parent
             emit({"event": "error", "traceback": traceback.format_exc()})

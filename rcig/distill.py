@@ -27,9 +27,14 @@ import jax
 import numpy as np
 
 from rcig import export, storage
-from rcig.config import DistillConfig, validate
+from rcig.config import DistillConfig, run_differences, run_identity, validate
+from rcig.preemption import EXIT_PREEMPTED, phase  # noqa: F401  (EXIT_PREEMPTED re-exported)
 
-from rcig.preemption import EXIT_PREEMPTED  # noqa: E402,F401  (re-exported for callers)
+TUNING_JSON = "tuning.json"
+EVAL_PARTIAL_JSON = "eval.partial.json"
+# What `--restart` moves aside (or deletes with --force) besides the checkpoints.
+RUN_FILES = ("config.json", "metrics.jsonl", TUNING_JSON, "distilled.npz", "distilled.png",
+             "eval.json", EVAL_PARTIAL_JSON)
 
 
 
@@ -115,6 +120,11 @@ def run_distillation(
 ) -> RunResult:
     """Distill `cfg` into `out_uri`, resuming from its latest checkpoint if there is one.
 
+    Phases (declared to an installed `rcig.preemption.StopControl`, which ends the
+    process on a stop request in an abortable one): load, tune, init, compile (the
+    first step) and eval are abortable; the step loop stops cooperatively at a
+    checkpoint; file writes and the final checkpoint are short commits.
+
     Example:
         >>> cfg = make_config("digits", 1, overrides=["steps=20"])
         >>> res = run_distillation(cfg, "runs/demo")
@@ -127,16 +137,25 @@ def run_distillation(
     validate(cfg)
     t_start = time.perf_counter()
     out = storage.normalize(out_uri)
-    storage.makedirs(out)
-    ds = load_dataset(cfg.dataset, cfg.data_dir)
-    n_images = cfg.ipc * ds.num_classes
-    engine = Engine(cfg, ds.image_shape, ds.num_classes, devices=devices)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     cfg_dict = cfg.to_dict()
-
-    if restart:
-        _clear_for_restart(out, force)
-    store = CheckpointStore(out, keep=cfg.checkpoint.keep)
-    latest = store.latest_step()
+    with phase("load", abortable=True):
+        storage.makedirs(out)
+        if restart:
+            with phase("restart"):
+                _clear_for_restart(out, force)
+        store = CheckpointStore(out, keep=cfg.checkpoint.keep)
+        latest = store.latest_step()
+        if latest is not None:
+            store.check_config(cfg_dict)
+        else:
+            check_run_folder(out, cfg)
+        ds = load_dataset(cfg.dataset, cfg.data_dir)
+        n_images = cfg.ipc * ds.num_classes
+        engine = Engine(cfg, ds.image_shape, ds.num_classes, devices=devices)
+    with phase("commit"):
+        # First, so a folder stopped at any later point says which run it holds.
+        storage.write_text(storage.join(out, "config.json"), cfg.to_json() + "\n")
 
     def batch_for(s: int):
         idx = real_batch_indices(cfg.seed, s, len(ds.x_train), cfg.outer.real_batch_size)
@@ -144,9 +163,14 @@ def run_distillation(
 
     tuning = None
     if latest is not None:
-        store.check_config(cfg_dict)
-        state, _ = store.restore(engine.abstract_state(n_images), latest)
+        with phase("restore", abortable=True):
+            state, _ = store.restore(engine.abstract_state(n_images), latest)
         start = int(state["step"])
+        if start >= cfg.steps:
+            say(f"distillation already complete at step {start} (checkpoint); "
+                + ("evaluating" if run_eval else "writing the distilled set"))
+        else:
+            say(f"resuming from checkpoint step {start}")
     else:
         key = jax.random.PRNGKey(cfg.seed)
         idx = init_proto_indices(ds.y_train, ds.num_classes, cfg.ipc, cfg.seed)
@@ -157,22 +181,30 @@ def run_distillation(
         y0 = shifted_one_hot(ds.y_train[idx], ds.num_classes)
         inner_lr, hvp_lr = cfg.inner.lr, cfg.hinv.lr
         if not cfg.lr_tune.skip:
-            coreset = {"x": np.asarray(x0, np.float32), "y": y0, "log_temp": np.float32(0.0)}
-            tuning = engine.tune_learning_rates(coreset, batch_for(0), jax.random.fold_in(key, 1), inner_lr, hvp_lr)
-            inner_lr, hvp_lr = tuning["inner"], tuning["hvp"]
-            if progress:
+            tuning = load_tuning(out, cfg)
+            if tuning is not None:
+                say(f"LR search: reusing tuning.json (inner {tuning['inner']:.3g}, H-solve {tuning['hvp']:.3g})")
+            else:
+                coreset = {"x": np.asarray(x0, np.float32), "y": y0, "log_temp": np.float32(0.0)}
+                with phase("tune", abortable=True):
+                    tuning = engine.tune_learning_rates(coreset, batch_for(0), jax.random.fold_in(key, 1), inner_lr, hvp_lr)
+                tuning["identity"] = run_identity(cfg)
+                with phase("commit"):  # a rerun stopped before checkpoint 0 does not tune again
+                    export.write_json(storage.join(out, TUNING_JSON), tuning)
                 capped = f"; stopped at the probe cap for {', '.join(tuning['capped'])}" if tuning["capped"] else ""
-                print(f"LR search: inner {inner_lr:.3g}, H-solve {hvp_lr:.3g} ({tuning['probes']} probes, "
-                      f"{tuning['seconds']:.1f} s{capped})", file=sys.stderr, flush=True)
-            export.write_json(storage.join(out, "tuning.json"), tuning)
-        state = engine.init_state(x0, y0, key, inner_lr, hvp_lr)
+                say(f"LR search: inner {tuning['inner']:.3g}, H-solve {tuning['hvp']:.3g} ({tuning['probes']} probes, "
+                    f"{tuning['seconds']:.1f} s{capped})")
+            inner_lr, hvp_lr = tuning["inner"], tuning["hvp"]
+        with phase("init", abortable=True):
+            state = engine.init_state(x0, y0, key, inner_lr, hvp_lr)
         start = 0
-        store.save(0, state, cfg_dict, force=True)
-    storage.write_text(storage.join(out, "config.json"), cfg.to_json() + "\n")
+        with phase("commit"):
+            store.save(0, state, cfg_dict, force=True)
 
     metrics_uri = storage.join(out, "metrics.jsonl")
-    rows = _load_metrics(metrics_uri, start)
-    _write_metrics(metrics_uri, rows)
+    with phase("commit"):
+        rows = _load_metrics(metrics_uri, start)
+        _write_metrics(metrics_uri, rows)
     local = not storage.is_remote(out)
     flushed = len(rows)
 
@@ -212,77 +244,151 @@ def run_distillation(
         return m
 
     last_metrics: dict[str, float] = {}
-    next_batch = batch_for(start) if start < cfg.steps else None
-    while s < cfg.steps:
-        batch = next_batch
-        state, m_dev = engine.step(state, batch)
-        s += 1
-        next_batch = batch_for(s) if s < cfg.steps else None  # host work overlaps the step
+    with phase("loop"):  # stops cooperatively, at a checkpoint (the deadline covers a slow step)
+        next_batch = batch_for(start) if start < cfg.steps else None
+        while s < cfg.steps:
+            batch = next_batch
+            if s == start:  # the first call compiles: nothing to lose if stopped there
+                with phase("compile", abortable=True):
+                    state, m_dev = engine.step(state, batch)
+            else:
+                state, m_dev = engine.step(state, batch)
+            s += 1
+            next_batch = batch_for(s) if s < cfg.steps else None  # host work overlaps the step
+            if pending is not None:
+                last_metrics = consume(pending)
+            pending = (s, m_dev)
+            stop = bool(stop_requested and stop_requested())
+            if stop or should_save(s, clock(), last_ckpt_step, last_ckpt_time, cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds):
+                last_metrics = consume(pending)
+                pending = None
+                flush()
+                store.save(s, state, cfg_dict, force=True)
+                last_ckpt_step, last_ckpt_time = s, clock()
+                if stop:
+                    store.wait()  # the notice grace period is short: commit before returning
+                if on_checkpoint:
+                    on_checkpoint(s)  # save started; Orbax commits it before the next one starts
+            if stop:
+                status = "preempted"
+                break
         if pending is not None:
             last_metrics = consume(pending)
-        pending = (s, m_dev)
-        stop = bool(stop_requested and stop_requested())
-        if stop or should_save(s, clock(), last_ckpt_step, last_ckpt_time, cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds):
-            last_metrics = consume(pending)
-            pending = None
-            flush()
-            store.save(s, state, cfg_dict, force=True)
-            last_ckpt_step, last_ckpt_time = s, clock()
-            if stop:
-                store.wait()  # the notice grace period is short: commit before returning
-            if on_checkpoint:
-                on_checkpoint(s)  # save started; Orbax commits it before the next one starts
-        if stop:
-            status = "preempted"
-            break
-    if pending is not None:
-        last_metrics = consume(pending)
-    flush()
-    bar.close()
+        flush()
+        bar.close()
 
-    if status == "preempted":
+        if status == "preempted":
+            store.wait()
+            store.close()
+            return RunResult(out, status, s, last_metrics, None, store.latest_step(), time.perf_counter() - t_start,
+                             resumed_from=start if latest is not None else None, tuning=tuning)
+
+    with phase("finalize"):
+        store.save(s, state, cfg_dict, final=True)  # marks the last step final (kept by retention)
         store.wait()
+        if on_checkpoint:
+            on_checkpoint(s)
         store.close()
-        return RunResult(out, status, s, last_metrics, None, store.latest_step(), time.perf_counter() - t_start,
-                         resumed_from=start if latest is not None else None, tuning=tuning)
-
-    store.save(s, state, cfg_dict, final=True)  # marks the last step final (kept by retention)
-    store.wait()
-    if on_checkpoint:
-        on_checkpoint(s)
-    store.close()
-    arrays = export.distilled_arrays(jax.device_get(state["ema"]["average"]), ds, cfg, s)
-    export.write_distilled(out, arrays, ds.num_classes)
+        arrays = export.distilled_arrays(jax.device_get(state["ema"]["average"]), ds, cfg, s)
+        export.write_distilled(out, arrays, ds.num_classes)
     eval_result = None
     if run_eval:
         from rcig.evaluate import evaluate_distilled
 
-        eval_result = evaluate_distilled(
-            arrays["x_proto"], arrays["y_proto"], ds, use_flip=cfg.outer.use_flip, cfg=cfg.eval,
-            width=cfg.eval.width or cfg.model.width, ipc=cfg.ipc, seed=cfg.seed, depth=cfg.model.depth,
-        )
-        eval_result["distill_steps"] = s
-        export.write_json(storage.join(out, "eval.json"), eval_result)
+        # Everything the eval needs is committed (final checkpoint, distilled.npz): a stop
+        # here ends the process; a rerun goes straight back to the eval, and finished
+        # evaluation runs are kept (eval.partial.json).
+        with phase("eval", abortable=True):
+            eval_result = evaluate_distilled(
+                arrays["x_proto"], arrays["y_proto"], ds, use_flip=cfg.outer.use_flip, cfg=cfg.eval,
+                width=cfg.eval.width or cfg.model.width, ipc=cfg.ipc, seed=cfg.seed, depth=cfg.model.depth,
+                partial_uri=storage.join(out, EVAL_PARTIAL_JSON),
+            )
+            eval_result["distill_steps"] = s
+            export.write_json(storage.join(out, "eval.json"), eval_result)
+            storage.remove(storage.join(out, EVAL_PARTIAL_JSON))
     return RunResult(out, status, s, last_metrics, eval_result, s, time.perf_counter() - t_start,
                      resumed_from=start if latest is not None else None, tuning=tuning)
 
 
+def load_tuning(out: str, cfg: DistillConfig) -> dict | None:
+    """The LR search result saved in `out`, if it was found for this run (its identity,
+    steps aside, equals `cfg`'s), else None: a run stopped after its LR search but before
+    its first checkpoint does not search again."""
+    uri = storage.join(out, TUNING_JSON)
+    try:
+        if not storage.exists(uri):
+            return None
+        doc = json.loads(storage.read_text(uri))
+    except (ValueError, OSError, storage.StorageError):
+        return None
+    ident = doc.get("identity") if isinstance(doc, dict) else None
+    if not isinstance(ident, dict) or run_differences(ident, cfg, resume=True):
+        return None
+    if not all(isinstance(doc.get(k), (int, float)) for k in ("inner", "hvp")):
+        return None
+    return doc
+
+
+def _saved_run_config(out: str) -> tuple[dict | None, str]:
+    """The config of the run a folder holds, from config.json or distilled.npz."""
+    uri = storage.join(out, "config.json")
+    if storage.exists(uri):
+        try:
+            return json.loads(storage.read_text(uri)), uri
+        except ValueError as e:
+            raise RunFolderError(f"{uri}: unreadable ({e}); use another --out, or --restart to move it aside") from None
+    npz = storage.join(out, "distilled.npz")
+    if storage.exists(npz):
+        try:
+            return json.loads(str(export.read_distilled(npz)["config_json"])), npz
+        except (KeyError, ValueError, OSError) as e:
+            raise RunFolderError(f"{npz}: unreadable ({e}); use another --out, or --restart to move it aside") from None
+    return None, ""
+
+
+def check_run_folder(out: str, cfg: DistillConfig) -> None:
+    """Refuse a run folder (without checkpoints) that holds another run's files.
+
+    A folder whose `config.json` (or `distilled.npz`) is another run
+    (`rcig.config.run_differences`) is never written over: a `RunFolderError` names
+    each differing field. Without results there, `steps` may differ (a rerun of a run
+    stopped before its first checkpoint); with results, it may not."""
+    saved, where = _saved_run_config(out)
+    if saved is None:
+        return
+    has_results = any(storage.exists(storage.join(out, n)) for n in ("distilled.npz", "eval.json"))
+    diffs = run_differences(saved, cfg, resume=not has_results)
+    if diffs:
+        raise RunFolderError(f"{out} holds another run ({where}): {'; '.join(diffs)}; "
+                             f"use another --out, or --restart to move its files aside")
+
+
 def _clear_for_restart(out: str, force: bool) -> None:
-    """--restart: start over. Old checkpoints are deleted only with --force; otherwise a
-    local run folder's checkpoints are moved aside, and a remote one is refused."""
+    """--restart: start over. The old run's checkpoints and files (`RUN_FILES`) are
+    deleted only with --force; otherwise, in a local run folder, they are moved aside
+    (into ``checkpoints.old-<time>``, or ``run.old-<time>`` when there were no
+    checkpoints); a remote one is refused."""
     ck = storage.join(out, "checkpoints")
-    if not storage.exists(ck) or not storage.listdir(ck):
+    has_ck = storage.exists(ck) and bool(storage.listdir(ck))
+    files = [n for n in RUN_FILES if storage.exists(storage.join(out, n))]
+    if not has_ck and not files:
         return
     if force:
-        storage.remove(ck, recursive=True)
-        for name in ("metrics.jsonl", "tuning.json", "eval.json"):
+        if has_ck:
+            storage.remove(ck, recursive=True)
+        for name in files:
             storage.remove(storage.join(out, name))
         return
+    what = f"{ck}: holds checkpoints" if has_ck else f"{out}: holds another run's files ({', '.join(files)})"
     if storage.is_remote(out):
-        raise RunFolderError(f"{ck}: holds checkpoints; --restart deletes them only with --force (or use a new --out)")
-    aside = f"{ck}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(ck, aside)
-    for name in ("metrics.jsonl", "tuning.json", "eval.json"):
-        p = storage.join(out, name)
-        if os.path.exists(p):
-            os.replace(p, os.path.join(aside, name))
+        raise RunFolderError(f"{what}; --restart deletes them only with --force (or use a new --out)")
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    if has_ck:
+        aside = f"{ck}.old-{stamp}"
+        os.replace(ck, aside)
+    else:
+        aside = storage.join(out, f"run.old-{stamp}")
+        os.makedirs(aside, exist_ok=True)
+    for name in files:
+        os.replace(storage.join(out, name), os.path.join(aside, name))

@@ -50,9 +50,12 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -294,10 +297,14 @@ def evaluate_set(
     seed: int = 0,
     depth: int | None = None,
     runs_per_group: int | None | str = "auto",
+    done: dict[int, float] | None = None,
+    on_run: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Evaluate one labelled set with the §10 protocol; `dataset` is a Dataset or its name.
 
     Returns {"accs": [...], "mean", "std" (population), "protocol", "steps", "runs"}.
+    `done` ({run index: accuracy}) holds runs already finished (they are not trained
+    again); `on_run(r, acc)` is called as each run finishes.
 
     Example:
         >>> r = evaluate_set(x, y, "digits", use_flip=False, cfg=EvalConfig(steps=100), width=32)  # doctest: +SKIP
@@ -318,11 +325,27 @@ def evaluate_set(
     if use_flip:
         x, y = with_flips(x, y)
     ops = parse_ops(cfg.aug) if cfg.protocol == "rcig" else ()
-    accs, _ = train_and_test(
-        x, y, ds.x_test, ds.y_test, run_keys(seed, cfg.runs),
-        width=width, depth=depth, steps=steps, lr=cfg.lr, batch=batch, ops=ops,
-        test_batch=cfg.test_batch_size, runs_per_group=runs_per_group,
-    )
+    keys = run_keys(seed, cfg.runs)
+    accs: list[float | None] = [None] * cfg.runs
+    for r, a in (done or {}).items():
+        if 0 <= int(r) < cfg.runs:
+            accs[int(r)] = float(a)
+    todo = [r for r in range(cfg.runs) if accs[r] is None]
+    group = default_runs_per_group() if runs_per_group == "auto" else runs_per_group
+    group = len(todo) if not group else int(group)
+    # Runs are independent (each has its own key), so finished ones can be skipped; the
+    # groups are the ones `train_and_test` would form, so nothing changes when none are.
+    for g0 in range(0, len(todo), max(group, 1)):
+        chunk = todo[g0 : g0 + group]
+        got, _ = train_and_test(
+            x, y, ds.x_test, ds.y_test, keys[np.asarray(chunk)],
+            width=width, depth=depth, steps=steps, lr=cfg.lr, batch=batch, ops=ops,
+            test_batch=cfg.test_batch_size, runs_per_group=None,
+        )
+        for r, a in zip(chunk, got):
+            accs[r] = float(a)
+            if on_run is not None:
+                on_run(r, float(a))
     return {
         "accs": [float(a) for a in accs],
         "mean": float(np.mean(accs)),
@@ -354,11 +377,15 @@ def evaluate_distilled(
     seed: int = 0,
     depth: int | None = None,
     runs_per_group: int | None | str = "auto",
+    partial_uri: str | None = None,
 ) -> dict:
     """Distilled set vs the random-real-subset baseline (if `cfg.baseline`): the eval.json dict.
 
     Keys: mean, std, accs, baseline ({mean, std, accs} or None), protocol, dataset, ipc,
     steps, runs, use_flip, width, wall_s.
+
+    `partial_uri` (a JSON file): each finished run's accuracy is recorded there, and an
+    evaluation of the same sets with the same protocol that was stopped resumes from it.
 
     Example:
         >>> r = evaluate_distilled(x, y, "digits", use_flip=False, cfg=EvalConfig(), width=32, ipc=1)  # doctest: +SKIP
@@ -368,11 +395,14 @@ def evaluate_distilled(
     ds = _dataset(dataset)
     common = dict(use_flip=use_flip, cfg=cfg, width=width, seed=seed, depth=depth,
                   runs_per_group=runs_per_group)
-    res = evaluate_set(x_NHWC, y_NC, ds, **common)
+    partial = _Partial(partial_uri, x_NHWC, y_NC, common | {"ipc": int(ipc), "dataset": getattr(ds, "name", None)})
+    res = evaluate_set(x_NHWC, y_NC, ds, **common, done=partial.done("distilled"),
+                       on_run=partial.recorder("distilled"))
     base = None
     if cfg.baseline:
         xb, yb = baseline_set(ds, ipc, seed)
-        b = evaluate_set(xb, yb, ds, **common)
+        b = evaluate_set(xb, yb, ds, **common, done=partial.done("baseline"),
+                         on_run=partial.recorder("baseline"))
         base = {"mean": b["mean"], "std": b["std"], "accs": b["accs"], "steps": b["steps"]}
     return {
         "mean": res["mean"],
@@ -388,6 +418,49 @@ def evaluate_distilled(
         "width": int(width),
         "wall_s": round(time.perf_counter() - t0, 3),
     }
+
+
+class _Partial:
+    """Finished evaluation runs kept in a JSON file, valid only for the same sets and protocol."""
+
+    def __init__(self, uri: str | None, x: np.ndarray, y: np.ndarray, setup: dict):
+        self.uri = uri
+        h = hashlib.sha256()
+        for a in (x, y):
+            a = np.ascontiguousarray(np.asarray(a, np.float32))
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+        cfg = setup.pop("cfg")
+        setup = {**setup, "eval": dataclasses.asdict(cfg), "set_sha256": h.hexdigest()}
+        self.key = json.loads(json.dumps(setup, sort_keys=True, default=str))
+        self.doc = {"key": self.key, "distilled": {}, "baseline": {}}
+        if uri is None:
+            return
+        from rcig import storage
+
+        try:
+            if storage.exists(uri):
+                old = json.loads(storage.read_text(uri))
+                if isinstance(old, dict) and old.get("key") == self.key:
+                    for which in ("distilled", "baseline"):
+                        self.doc[which] = {str(int(r)): float(a) for r, a in (old.get(which) or {}).items()}
+        except (ValueError, TypeError, OSError, storage.StorageError):
+            pass  # unreadable: evaluate from scratch
+
+    def done(self, which: str) -> dict[int, float]:
+        return {int(r): a for r, a in self.doc[which].items()}
+
+    def recorder(self, which: str) -> Callable[[int, float], None] | None:
+        if self.uri is None:
+            return None
+
+        def record(r: int, acc: float) -> None:
+            from rcig import storage
+
+            self.doc[which][str(r)] = acc
+            storage.write_text(self.uri, json.dumps(self.doc, sort_keys=True) + "\n")
+
+        return record
 
 
 def evaluate_source(
