@@ -205,14 +205,23 @@ def _asha_trial_problems(opts: AshaOptions, steps: Sequence[int]) -> list[tuple[
     return out
 
 
+def max_steps(spec: "SweepSpec") -> int:
+    """The most outer steps a trial of the spec can run (`steps` may be searched)."""
+    steps = [spec.base_config().steps]
+    if "steps" in spec.space:
+        (kind, values), = spec.space["steps"].items()
+        steps += [int(v) for v in DISTRIBUTIONS[kind].probes(values)]
+    return max(steps)
+
+
 def _asha(opts: AshaOptions, spec: "SweepSpec") -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(time_attr="step", metric=opts.metric, mode=opts.mode,
                          grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
-                         # ASHA stops a trial that reaches max_t: past the last step, so
-                         # a surviving trial still runs its eval.
-                         max_t=opts.max_t or spec.base_config().steps + 1)
+                         # ASHA stops a trial that reaches max_t: past the last step of
+                         # the longest trial, so a surviving trial still runs its eval.
+                         max_t=opts.max_t or max_steps(spec) + 1)
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,13 @@ def trial_problems(raw: Mapping[str, Any], *, check_data: bool = False) -> list[
         d = search_registry.DISTRIBUTIONS[kind]
         path = f"search.space.{key}"
         vals = [(v, f"{path}.{kind}[{i}]" if d.discrete else path) for i, v in enumerate(d.probes(values))]
+        try:  # a key that names no config field is one problem, not one per value
+            apply_overrides(cfg, {key: vals[0][0]})
+        except ConfigError as e:
+            if any(w in str(e) for w in ("unknown config key", "is a section", "not a section")):
+                problems.append(_config_msg(path, e, key))
+                exact = False
+                continue
         for v, vpath in vals:
             try:
                 validate(apply_overrides(cfg, {key: v}))

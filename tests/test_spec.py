@@ -225,3 +225,25 @@ def test_spec_yaml_roundtrip_from_manifest():
     spec = load_spec(ROOT / "sweeps/quickstart.yaml", sets=["steps=3"])
     again = spec_from_raw(yaml.safe_load(yaml.safe_dump(spec.raw)))
     assert again.base_overrides == spec.base_overrides and again.space == spec.space
+
+
+def test_spec_is_nested_frozen_dataclasses_with_config_coercion():
+    import dataclasses
+
+    from orchestrator.search import AshaOptions
+    from orchestrator.spec import BaseSpec, Cost, Resources
+
+    spec = parse_spec(GOOD + "resources: {cpu: 2}\ncost: {per_accelerator_hour: 1.5}\n"
+                      "scheduler: {type: asha, metric: outer/loss, grace_period: 2}\n")
+    assert isinstance(spec.base, BaseSpec) and spec.base.dataset == spec.dataset == "digits"
+    assert isinstance(spec.resources, Resources) and spec.resources.cpu == spec.resources["cpu"] == 2
+    assert isinstance(spec.cost, Cost) and spec.cost["per_accelerator_hour"] == 1.5 and spec.cost.currency == "USD"
+    assert isinstance(spec.scheduler, AshaOptions) and spec.scheduler.reduction_factor == 2.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.resources.cpu = 3
+    # rcig.config's coercion, as for DistillConfig overrides: "3" is 3, a bool is no integer
+    assert parse_spec(GOOD + "max_concurrent: '3'\n").max_concurrent == 3
+    assert any("num_samples: expected an integer" in ln for ln in _problems(GOOD + "num_samples: true\n"))
+    # a search key that names no config field is one problem, not one per value
+    lines = _problems(GOOD.replace("outer.proto_lr", "outer.proto_rate"))
+    assert len([ln for ln in lines if "proto_rate" in ln]) == 1, lines

@@ -206,6 +206,9 @@ def test_build_search_constructs_what_the_spec_names():
     assert isinstance(alg, BasicVariantGenerator) and isinstance(sched, ASHAScheduler)
     assert (metric, mode, cap) == (None, None, None)  # the generator holds the cap itself
     assert sched._max_t == 21 and sched._metric == "outer/loss"  # past the last step: eval still runs
+    searched = parse_spec(GOOD.replace("outer.proto_lr: {grid: [0.003, 0.01]}", "steps: {grid: [20, 40]}")
+                          + "scheduler: {type: asha, metric: outer/loss, grace_period: 5}\n")
+    assert build_search(searched)[1]._max_t == 41  # past the longest trial's last step
     alg, sched, metric, mode, cap = build_search(parse_spec(GOOD))
     assert sched is None and (metric, mode) == ("eval/mean", "max")
     assert set(SEARCHERS) >= {"random", "grid", "optuna"}
