@@ -36,7 +36,7 @@ from orchestrator.cluster_checks import (
     placeholder_problems,
     setup_command_problems,
 )
-from orchestrator.devices import ACCELERATOR_TYPE_DEMAND, ray_bundle  # noqa: F401 - re-exported
+from orchestrator.devices import ray_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
