@@ -56,19 +56,9 @@ def sweep_uri_for(spec: SweepSpec, storage_override: str | None = None) -> str:
 
 def ray_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune param_space of the spec's search space."""
-    from ray import tune
+    from orchestrator.search import ray_space as space_of
 
-    space: dict[str, Any] = {}
-    for key, dist in spec.space.items():
-        (kind, v), = dist.items()
-        space[key] = {
-            "grid": lambda: tune.grid_search(list(v)),
-            "choice": lambda: tune.choice(list(v)),
-            "uniform": lambda: tune.uniform(*v),
-            "loguniform": lambda: tune.loguniform(*v),
-            "randint": lambda: tune.randint(*v),
-        }[kind]()
-    return space
+    return space_of(spec.space)
 
 
 def storage_for_ray(sweep_uri: str) -> tuple[str, str, Any]:
@@ -154,33 +144,14 @@ def preflight(spec: SweepSpec, address: str) -> None:
 
 def build_tuner(spec: SweepSpec, sweep_uri: str, param_space: dict[str, Any] | None = None):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from orchestrator.callbacks import BudgetCallback, ray_max_failures
+    from orchestrator.search import build_search
     from orchestrator.trial import TrialContext, key_of, make_trainable
 
     storage_path, name, fs = storage_for_ray(sweep_uri)
-    scheduler = search_alg = None
-    metric, mode = spec.metric, spec.mode
-    if spec.scheduler:
-        s = spec.scheduler
-        scheduler = ASHAScheduler(time_attr="step", metric=s["metric"], mode=s["mode"],
-                                  grace_period=s["grace_period"],
-                                  reduction_factor=s["reduction_factor"],
-                                  # ASHA stops a trial that reaches max_t: past the last
-                                  # step, so a surviving trial still runs its eval.
-                                  max_t=s["max_t"] or spec.base_config().steps + 1)
-        metric = mode = None  # Tune refuses a metric set in both places
-    max_concurrent = spec.max_concurrent
-    if param_space is None and spec.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=spec.search_seed)
-    else:  # Tune ignores max_concurrent_trials with a generator: give it the cap itself
-        search_alg = BasicVariantGenerator(random_state=spec.search_seed,
-                                           max_concurrent=spec.max_concurrent or 0)
-        max_concurrent = None
+    search_alg, scheduler, metric, mode, max_concurrent = build_search(
+        spec, restored_space=param_space is not None)
 
     def dirname(trial) -> str:
         return key_of(spec, trial.config)
