@@ -46,6 +46,11 @@ _LOOPBACK_ENV = {
     "GOOGLE_CLOUD_PROJECT": "rcig-test",
     "RCIG_GCS_TOKEN": "anon",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Every Ray the tests start binds 127.0.0.1, not the machine's network address: the
+    # local Ray of `init_ray` (orchestrator.preflight.NODE_IP_ENV), and Ray's own address
+    # lookup (bootstrap addresses, nodes an autoscaler launches) answers loopback.
+    "RCIG_RAY_NODE_IP": "127.0.0.1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 os.environ.update(_LOOPBACK_ENV)
 
@@ -62,6 +67,9 @@ def loopback_env() -> dict[str, str]:
     return env
 
 
+_INSERT_LOCK = threading.Lock()  # one upload or download at a time in the emulator
+
+
 def _emulator_sends_generation_headers() -> None:
     """Make gcp-storage-emulator's media downloads carry `x-goog-generation`, as real GCS
     does. Without it tensorstore's OCDBT (Orbax's array store) sometimes re-reads its
@@ -74,6 +82,10 @@ def _emulator_sends_generation_headers() -> None:
     plain_download = objects.download
 
     def download(request, response, storage, *args, **kwargs):
+        with _INSERT_LOCK:  # content and generation of one version, as GCS serves them
+            return _download(request, response, storage, *args, **kwargs)
+
+    def _download(request, response, storage, *args, **kwargs):
         try:
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
             response["x-goog-generation"] = str(obj["generation"])
@@ -92,11 +104,54 @@ def _emulator_sends_generation_headers() -> None:
                 methods[method] = download
 
 
+def _emulator_honours_generation_preconditions() -> None:
+    """Make gcp-storage-emulator's uploads honour `ifGenerationMatch`, as real GCS does
+    (412 when the object is not at that generation; 0 means "must not exist"). The plain
+    emulator ignores the parameter, so a compare-and-swap could not lose against it.
+    Uploads run one at a time so that the check and the write are one step."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects.insert, "_preconditions", False):
+        return
+    plain_insert = objects.insert
+
+    def insert(request, response, storage, *args, **kwargs):
+        with _INSERT_LOCK:
+            want = (request.query.get("ifGenerationMatch") or [None])[0]
+            if want is not None:
+                name = (request.query.get("name") or [None])[0]
+                if name is None and isinstance(request.data, dict):
+                    name = (request.data.get("meta") or {}).get("name") or request.data.get("name")
+                try:
+                    have = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+                except NotFound:
+                    have = "0"
+                if have != str(want):
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    response.json({"error": {"code": 412, "message": "conditionNotMet",
+                                             "errors": [{"reason": "conditionNotMet"}]}})
+                    return None
+            return plain_insert(request, response, storage, *args, **kwargs)
+
+    insert._preconditions = True
+    objects.insert = insert
+    from gcp_storage_emulator import server
+
+    for _, methods in server.HANDLERS:
+        for method, handler in list(methods.items()):
+            if handler is plain_insert:
+                methods[method] = insert
+
+
 class GcsEmulator:
     """A real GCS-protocol server (gcp-storage-emulator) on loopback."""
 
     def __init__(self, port: int):
         _emulator_sends_generation_headers()
+        _emulator_honours_generation_preconditions()
         from gcp_storage_emulator.server import create_server
 
         self.port = port
@@ -145,3 +200,232 @@ def gcs_bucket(gcs, request):
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50]
     name = name.strip("-") + f"-{int(time.time() * 1000) % 100000}"
     return gcs.make_bucket(name)
+
+
+# --- Ray on loopback: which raylets the suite started, and where they bind ---------------
+
+def _proc_table() -> dict[int, tuple[int, list[str]]]:
+    """pid -> (parent pid, argv) of every process this user can read."""
+    table = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            table[int(d.name)] = (ppid, [a for a in argv if a])
+        except (OSError, ValueError):
+            continue
+    return table
+
+
+def suite_pids(roots: tuple[str, ...] = (), table=None, *, mine: bool = True,
+               extra: tuple[int, ...] = ()) -> set[int]:
+    """This test process's descendants (with `mine`), plus every process whose command line
+    names one of `roots` (a Ray temp dir: processes an autoscaler or `ray start` launched)
+    or is in `extra`, and their descendants."""
+    table = _proc_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    seeds = ([os.getpid()] if mine else []) + list(extra) + [
+        pid for pid, (_, argv) in table.items() if any(r and r in a for r in roots for a in argv)]
+    seen: set[int] = set()
+    while seeds:
+        pid = seeds.pop()
+        if pid not in seen:
+            seen.add(pid)
+            seeds.extend(children.get(pid, []))
+    seen.discard(os.getpid())
+    return seen
+
+
+def raylet_node_ips(roots: tuple[str, ...] = ()) -> dict[int, str]:
+    """pid -> `--node_ip_address` of each raylet the suite started (see `suite_pids`)."""
+    table = _proc_table()
+    out = {}
+    for pid in suite_pids(roots, table):
+        argv = table.get(pid, (0, []))[1]
+        if argv and os.path.basename(argv[0]) == "raylet":
+            ips = [a.split("=", 1)[1] for a in argv if a.startswith("--node_ip_address=")]
+            out[pid] = ips[0] if ips else ""
+    return out
+
+
+_RAY_ROOTS: list[str] = []  # temp dirs of Ray clusters the suite started with `ray start`
+
+
+@pytest.fixture(autouse=True)
+def _ray_stays_on_loopback():
+    """After every test: no raylet the suite started binds a non-loopback address."""
+    yield
+    bad = {pid: ip for pid, ip in raylet_node_ips(tuple(_RAY_ROOTS)).items()
+           if not ip.startswith("127.")}
+    if bad:
+        pytest.fail(f"raylets started by the tests bind non-loopback addresses: {bad}")
+
+
+# --- an autoscaling Ray cluster on this machine -----------------------------------------
+
+def _started(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+FAKE_HEAD_ID = "f" * 51 + "00000"  # the fake provider's head node id
+
+
+class AutoscalingRay:
+    """A real autoscaling Ray cluster on loopback: `ray start --head` with Ray's fake
+    multi-node provider; worker nodes are real raylets that the autoscaler (v2, as `ray up`
+    and KubeRay run it) starts and stops as demand comes and goes.
+
+    Stopped by ending only the processes under its own temp dir (never `ray stop`).
+    """
+
+    def __init__(self, worker_types: dict, *, idle_timeout_s: float = 15, max_workers: int = 3):
+        self.worker_types = worker_types
+        self.idle_timeout_s = idle_timeout_s
+        self.max_workers = max_workers
+        self.proc = None
+        self.dir: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def client_address(self) -> str:
+        return f"ray://127.0.0.1:{self.client_port}"
+
+    def config(self) -> dict:
+        return {
+            "cluster_name": "rcig-fake",
+            "max_workers": self.max_workers,
+            "idle_timeout_minutes": self.idle_timeout_s / 60,
+            "upscaling_speed": 1.0,
+            "provider": {
+                # Ray's fake multi-node provider, loaded as an external module: its
+                # `fake_multinode` entry wants an example.yaml the wheel does not ship.
+                "type": "external",
+                "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                "gcs_address": self.address, "launch_multiple": True, "head_node_id": FAKE_HEAD_ID,
+                "disable_node_updaters": True, "disable_launch_config_check": True,
+                "use_node_id_as_ip": True,
+            },
+            "auth": {"ssh_user": "ubuntu"},
+            "head_node_type": "ray.head.default",
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                **{name: {"node_config": {}, "min_workers": 0, **t} for name, t in self.worker_types.items()},
+            },
+            **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                               "worker_setup_commands", "head_start_ray_commands",
+                               "worker_start_ray_commands", "cluster_synced_files",
+                               "rsync_exclude", "rsync_filter")},
+            "file_mounts": {}, "file_mounts_sync_continuously": False,
+        }
+
+    def start(self, timeout: float = 90) -> "AutoscalingRay":
+        import json
+        import shutil
+        import subprocess
+        import tempfile
+
+        # This process is a client of the cluster: token authentication on, as Ray itself
+        # turns it on (`_enable_token_auth`: the variable, then Ray's config re-read).
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+        from ray._raylet import Config
+
+        Config.initialize("")
+        self.dir = Path(tempfile.mkdtemp(prefix="rcig-as-", dir="/tmp"))  # short: socket paths
+        _RAY_ROOTS.append(str(self.dir))
+        self.port, self.client_port = _free_port(), _free_port()
+        if not os.environ.get("RAY_AUTH_TOKEN") and not Path("~/.ray/auth_token").expanduser().exists():
+            generate_and_save_token()  # what a local `ray.init` does on first use
+        cfg = self.dir / "autoscaling.yaml"
+        cfg.write_text(json.dumps(self.config()))
+        env = {**os.environ, **loopback_env(),
+               "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_enable_autoscaler_v2": "1",
+               "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID,
+               "RAY_NODE_TYPE_NAME": "ray.head.default", "RAY_AUTH_MODE": "token"}
+        ray_exe = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+        self.log = open(self.dir / "head.log", "wb")
+        self.proc = subprocess.Popen(
+            [ray_exe, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={self.port}", "--num-cpus=0", f"--autoscaling-config={cfg}",
+             f"--temp-dir={self.dir / 'ray'}", "--include-dashboard=false",
+             f"--ray-client-server-port={self.client_port}", "--disable-usage-stats"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(self.dir / 'head.log').read_text()[-3000:]}")
+            try:
+                if self.nodes():
+                    return self
+            except Exception:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("the autoscaling cluster's head did not come up")
+
+    def status(self):
+        from ray._raylet import GcsClient
+        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(GcsClient(address=self.address).get_cluster_status(timeout_s=10))
+        return reply
+
+    def nodes(self) -> list[dict]:
+        """Live nodes: type, id (hex), resources."""
+        from ray.core.generated.autoscaler_pb2 import NodeStatus
+
+        return [{"type": n.ray_node_type_name, "id": n.node_id.hex(), "resources": dict(n.total_resources)}
+                for n in self.status().cluster_resource_state.node_states
+                if n.status != NodeStatus.Value("DEAD")]
+
+    def workers(self) -> list[dict]:
+        return [n for n in self.nodes() if n["type"] != "ray.head.default"]
+
+    def pids(self) -> set[int]:
+        """Its own processes: `ray start`, everything naming its temp dir, their children."""
+        extra = (self.proc.pid,) if self.proc is not None else ()
+        return suite_pids((str(self.dir),), mine=False, extra=extra) - {os.getpid()}
+
+    def stop(self) -> None:
+        import shutil
+        import signal
+
+        if self.proc is None:
+            return
+        # Collected before anything dies (orphans lose their parent link), with start
+        # times, so a pid the system reuses meanwhile is never signalled.
+        doomed = {p: _started(p) for p in self.pids()}
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # `ray start --block` ends the head's processes
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                pass
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+            doomed.update({p: _started(p) for p in self.pids() if p not in doomed})
+            pids = {p for p, t in doomed.items() if t is not None and _started(p) == t}
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            end = time.time() + wait
+            while pids and time.time() < end:
+                pids = {p for p in pids if _started(p) == doomed[p]}
+                time.sleep(0.1)
+        self.proc = None
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
