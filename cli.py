@@ -186,6 +186,7 @@ def sweep_launch_cmd(
     name: str = typer.Option(None, "--name", help="Sweep name (default: the spec's `name`)."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: start Ray on this machine)."),
     set_: list[str] = typer.Option([], "--set", help="Override: config field (--set steps=20) or spec key (--set max_concurrent=2); repeatable."),
+    shared_storage: bool = typer.Option(False, "--shared-storage", help="With --address: the local --storage path is a mount every node shares (NFS); without it a cluster needs gs:// storage."),
 ):
     """Launch a sweep; rerunning it adopts trials that already exist (finished ones are not rerun).
 
@@ -197,7 +198,8 @@ def sweep_launch_cmd(
     try:
         # Everything knowable before launch, the trials' data included, before Ray starts.
         load_spec(spec, sets=list(set_), storage=storage, name=name, check_data=True)
-        out = launch(spec, storage_uri=storage, name=name, address=address, sets=list(set_))
+        out = launch(spec, storage_uri=storage, name=name, address=address, sets=list(set_),
+                     shared_storage=shared_storage)
     except _sweep_user_errors() as e:
         _sweep_fail(str(e))
     _sweep_done(out)
@@ -207,6 +209,7 @@ def sweep_launch_cmd(
 def sweep_resume_cmd(
     sweep: str = typer.Argument(..., help="Sweep name (under the default root) or its URI."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)."),
+    shared_storage: bool = typer.Option(False, "--shared-storage", help="With --address: the sweep's local folder is a mount every node shares (NFS)."),
 ):
     """Continue a sweep (e.g. after a driver loss): unfinished and errored trials resume from their checkpoints, finished ones are not rerun.
 
@@ -215,7 +218,7 @@ def sweep_resume_cmd(
     from orchestrator.sweep import resume
 
     try:
-        out = resume(sweep, address=address)
+        out = resume(sweep, address=address, shared_storage=shared_storage)
     except _sweep_user_errors() as e:
         _sweep_fail(str(e))
     _sweep_done(out, sweep)

@@ -78,68 +78,8 @@ def storage_for_ray(sweep_uri: str) -> tuple[str, str, Any]:
 WORKER_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to `address`, or start a local Ray; give our job's workers the environment
-    they need (WORKER_ENV, emulator/token variables, RCIG_* knobs)."""
-    import ray
-
-    # Intermediate reports carry training metrics; eval/mean arrives with the last one.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    if ray.is_initialized():
-        return
-    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES)}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {**env, **WORKER_ENV}}}
-    try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(include_dashboard=False, num_cpus=num_cpus, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise SweepError(f"cannot connect to the Ray cluster at {address or 'local'}: {e}") from None
-
-
-def cluster_offers() -> dict[str, dict[str, float]]:
-    """What the connected cluster can give a trial: its live nodes, plus the node types an
-    autoscaler may add (from the GCS cluster config, or the launcher's bootstrap YAML on
-    the head node), so an autoscaling cluster with no GPU node up yet still passes."""
-    import ray
-
-    offers = {f"node {n['NodeID'][:8]}": dict(n.get("Resources", {}))
-              for n in ray.nodes() if n.get("Alive")}
-    try:
-        from ray._private.state import state
-
-        cfg = state.get_cluster_config()
-        for g in (cfg.node_group_configs if cfg else []):
-            if g.max_count != 0:
-                offers[f"node type {g.name}"] = dict(g.resources)
-    except Exception:  # noqa: BLE001 - private API; live nodes still count
-        pass
-    boot = os.path.expanduser("~/ray_bootstrap_config.yaml")  # written by `ray up`
-    if os.path.exists(boot):
-        from orchestrator.cluster import launchable_node_types, load_cluster_config
-
-        try:
-            for name, res in launchable_node_types(load_cluster_config(boot)).items():
-                offers[f"node type {name}"] = dict(res)
-        except Exception:  # noqa: BLE001 - a broken bootstrap file must not block launch
-            pass
-    return offers
-
-
-def preflight(spec: SweepSpec, address: str) -> None:
-    """Fail if nothing in the cluster (live or autoscalable) can hold one trial's bundle."""
-    from orchestrator.cluster import node_types_satisfying
-
-    bundle = spec.ray_resources()
-    offers = cluster_offers()
-    cfg = {"available_node_types": {k: {"resources": v} for k, v in offers.items()}}
-    if not node_types_satisfying(cfg, bundle):
-        shown = {k: {r: v for r, v in res.items() if not r.startswith(("node:", "memory", "object_store"))}
-                 for k, res in offers.items()}
-        raise SweepError(
-            f"{spec.source}: resources: no node of the cluster at {address} offers {bundle} "
-            f"per trial (it has: {shown}); lower resources or add such a node type")
+# Connecting and the checks before any trial starts live in orchestrator.preflight.
+from orchestrator.preflight import check_storage, cluster_offers, init_ray, preflight  # noqa: E402,F401
 
 
 def build_tuner(spec: SweepSpec, sweep_uri: str, param_space: dict[str, Any] | None = None):
@@ -187,19 +127,20 @@ def _counts(sweep_uri: str) -> dict[str, int]:
 
 
 def launch(spec_path: str, storage_uri: str | None = None, name: str | None = None,
-           address: str | None = None, sets: Sequence[str] = ()) -> SweepOutcome:
+           address: str | None = None, sets: Sequence[str] = (),
+           shared_storage: bool = False) -> SweepOutcome:
     """Validate a spec and run its sweep to the end (see module docstring)."""
     spec = load_spec(spec_path, sets=sets, storage=storage_uri, name=name)
     sweep_uri = sweep_uri_for(spec)
+    check_storage(sweep_uri, address, shared_storage)
     try:
         existing = mf.read_manifest(sweep_uri, missing_ok=True)
     except mf.ManifestError as e:
         raise SweepError(str(e)) from None
     init_ray(address)
-    if address:
-        preflight(spec, address)
+    checked = preflight(spec, address)
     mf.write_manifest(sweep_uri, spec.name, spec.raw, spec.source, _launch_info(address, "launch"))
-    out = SweepOutcome(sweep_uri, spec.name)
+    out = SweepOutcome(sweep_uri, spec.name, notes=list(checked))
     if existing:
         out.notes.append(f"{sweep_uri} already held a sweep; its existing trials are adopted")
     build_tuner(spec, sweep_uri).fit()
@@ -207,18 +148,18 @@ def launch(spec_path: str, storage_uri: str | None = None, name: str | None = No
     return out
 
 
-def resume(name_or_uri: str, address: str | None = None) -> SweepOutcome:
+def resume(name_or_uri: str, address: str | None = None, shared_storage: bool = False) -> SweepOutcome:
     """Continue a sweep from storage: Ray's state if readable, else our manifest."""
     from ray import tune
 
     from orchestrator.trial import PARAMS_KEY, TrialContext, make_trainable
 
     sweep_uri = resolve_sweep(name_or_uri)
+    check_storage(sweep_uri, address, shared_storage)
     doc = mf.read_manifest(sweep_uri)
     spec = spec_from_raw(doc["spec"], source=doc.get("source", "<manifest>"))
     init_ray(address)
-    if address:
-        preflight(spec, address)
+    checked = preflight(spec, address)
     records = mf.read_records(sweep_uri)
     for rec in records:  # resume grants errored trials a fresh budget
         if rec.status == mf.ERROR:
@@ -226,7 +167,7 @@ def resume(name_or_uri: str, address: str | None = None) -> SweepOutcome:
             rec.status = mf.FAILED
             mf.write_record(sweep_uri, rec)
     mf.write_manifest(sweep_uri, spec.name, spec.raw, spec.source, _launch_info(address, "resume"))
-    out = SweepOutcome(sweep_uri, spec.name)
+    out = SweepOutcome(sweep_uri, spec.name, notes=list(checked))
     storage_path, name, fs = storage_for_ray(sweep_uri)
     exp_path = sweep_uri if fs is None else posixpath.join(storage_path, name)
     tuner = None
