@@ -43,6 +43,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The benchmarks' Ray clusters stay on loopback: Ray's address lookup answers 127.0.0.1
+# (read when Ray is first imported, and inherited by every Ray process started from here).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RCIG_RAY_NODE_IP", "127.0.0.1")
 
 
 def _rcig() -> list[str]:
@@ -119,9 +123,11 @@ def node_kill(args) -> dict:
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", RCIG_RECORD_MIN_INTERVAL_S="0", RCIG_TUNE_VERBOSE="0")
     work = Path(tempfile.mkdtemp(prefix="rcig-kill-bench-"))
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(work / "jax-cache"))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # Every node on loopback (the driver finds it there too: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    # makes Ray's own address lookup answer 127.0.0.1, set before Ray is imported, at the top).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
     for _ in range(2):
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
     init_ray(address=cluster.address)
     sets = [f"steps={args.kill_steps}", f"checkpoint.every_steps={args.ckpt_every}", "checkpoint.every_seconds=0",
@@ -134,7 +140,7 @@ def node_kill(args) -> dict:
             box: dict = {}
             th = threading.Thread(target=lambda: box.update(out=launch(
                 str(ROOT / "sweeps" / "quickstart.yaml"), storage_uri=str(work), name=name,
-                address=cluster.address, sets=sets)), daemon=True)
+                address=cluster.address, shared_storage=True, sets=sets)), daemon=True)
             th.start()
 
             def ready():
@@ -189,7 +195,7 @@ def node_kill(args) -> dict:
                 "completed_with_one_preemption": ok,
             }
             runs.append(run)
-            cluster.add_node(num_cpus=1)  # the replacement VM: the next repeat has a spare node again
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")  # the replacement VM: the next repeat has a spare node again
             cluster.wait_for_nodes()
             print(f"kill {r}: killed at step {step_at_kill} (checkpoint {ckpt_at_kill}); next attempt "
                   f"+{run['kill_to_next_attempt_s']:.1f} s, first step +{run['kill_to_first_step_s']:.1f} s, "

@@ -244,8 +244,16 @@ def read_offers(gcs_address: str, bundle: Mapping[str, float] | None, timeout_s:
             pass
     if is_autoscaler_v2(fetch_from_server=True, gcs_client=gcs):
         out["autoscaler"] = "v2"
-    elif gcs.internal_kv_get(b"__autoscaling_status", namespace=None) is not None:
-        out["autoscaler"] = "v1"
+    else:  # autoscaler v1 publishes a status; a head without autoscaling config reports "legacy"
+        import json
+
+        raw = gcs.internal_kv_get(b"__autoscaling_status", namespace=None)
+        try:
+            report = json.loads(raw or b"{}").get("autoscaler_report") or {}
+        except ValueError:
+            report = {}
+        if report and not report.get("legacy"):
+            out["autoscaler"] = "v1"
     if not bundle or out["autoscaler"] != "v2" or any(covers(r, bundle) for r in out["nodes"].values()):
         return out
 

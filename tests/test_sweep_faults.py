@@ -19,6 +19,7 @@ from orchestrator import manifest as mf
 from orchestrator.results import status
 from orchestrator.sweep import SweepError, launch
 
+from conftest import raylet_node_ips
 from test_sweep import QUICKSTART, TEST_ENV, TINY, _wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -30,13 +31,14 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.update(TEST_ENV)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
     for _ in range(2):
-        c.add_node(num_cpus=1, resources={"slot": 1})
+        c.add_node(num_cpus=1, resources={"slot": 1}, node_ip_address="127.0.0.1")
     c.wait_for_nodes()
     from orchestrator.sweep import init_ray
 
     init_ray(address=c.address)  # as `rcig sweep launch --address` connects
+    assert set(raylet_node_ips().values()) == {"127.0.0.1"}  # every node on loopback
     yield c
     ray.shutdown()
     c.shutdown()
@@ -44,7 +46,7 @@ def cluster():
 
 def test_preflight_rejects_a_bundle_no_node_offers(cluster, tmp_path):
     with pytest.raises(SweepError, match=r"resources: no node of the cluster .* offers \{'CPU': 4.0\}"):
-        launch(QUICKSTART, storage_uri=str(tmp_path), address=cluster.address,
+        launch(QUICKSTART, storage_uri=str(tmp_path), address=cluster.address, shared_storage=True,
                sets=TINY + ["resources.cpu=4", "search.space={}"])
     assert not (tmp_path / "quickstart").exists()
 
@@ -53,7 +55,8 @@ def test_node_loss_resumes_elsewhere_and_matches_uninterrupted(cluster, tmp_path
     sets = TINY + ["steps=40", "checkpoint.every_steps=5", "search.space={}"]
     box: dict = {}
     th = threading.Thread(target=lambda: box.update(out=launch(
-        QUICKSTART, storage_uri=str(tmp_path), name="lossy", address=cluster.address, sets=sets)))
+        QUICKSTART, storage_uri=str(tmp_path), name="lossy", address=cluster.address,
+        shared_storage=True, sets=sets)))
     th.start()
     sweep = str(tmp_path / "lossy")
 
@@ -80,7 +83,8 @@ def test_node_loss_resumes_elsewhere_and_matches_uninterrupted(cluster, tmp_path
     print(f"node kill -> next attempt start: {second['started'] - t_kill:.1f} s")
 
     # The same trial without interruption, in another sweep folder: same distilled set.
-    ref = launch(QUICKSTART, storage_uri=str(tmp_path), name="steady", address=cluster.address, sets=sets)
+    ref = launch(QUICKSTART, storage_uri=str(tmp_path), name="steady", address=cluster.address,
+                 shared_storage=True, sets=sets)
     assert ref.counts == {mf.COMPLETED: 1}
     a = np.load(Path(sweep) / "trials" / rec.key / "distilled.npz")
     b = np.load(tmp_path / "steady" / "trials" / rec.key / "distilled.npz")
