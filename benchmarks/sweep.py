@@ -116,7 +116,7 @@ def node_kill(args) -> dict:
 
     from orchestrator import manifest as mf
     from orchestrator.sweep import init_ray, launch
-    from orchestrator.trial_worker import LEASE, lease_heartbeat_s
+    from rcig.lease import LEASE, heartbeat_s as lease_heartbeat_s
 
     # The trial record is written at every reported step (default: at most every 2 s), so
     # its timestamps say when each step landed.

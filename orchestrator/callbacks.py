@@ -16,8 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import sys
+import time
+
 from ray.tune import Callback
 
+from orchestrator import lifecycle as lc
 from orchestrator import manifest as mf
 from orchestrator.spec import SweepSpec
 from orchestrator.trial import TERMINAL, key_of
@@ -43,11 +47,8 @@ class BudgetCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         try:
-            key = key_of(self.spec, trial.config)
-            rec = mf.read_record(self.sweep_uri, key)
-        except Exception:  # noqa: BLE001 - bookkeeping must never stop the sweep
-            return
-        if rec is not None and rec.status not in mf.FINAL_STATES:
-            rec.close_attempt("stopped")
-            rec.status = mf.STOPPED
-            mf.write_record(self.sweep_uri, rec)
+            key = key_of(self.spec, trial.config, trial.trial_id)
+            mf.RecordStore(self.sweep_uri, key).update(
+                lambda rec: lc.stopped_by_scheduler(rec, time.time()) if rec else None)
+        except (mf.DamagedRecord, OSError) as e:  # bookkeeping must never stop the sweep
+            print(f"rcig: could not mark trial {trial.trial_id} stopped: {e}", file=sys.stderr)

@@ -9,8 +9,9 @@ Layout of a sweep folder (any URI: local path, file://, gs://)::
                                      checkpoints/ (Orbax), distilled.npz/.png, eval.json
     <sweep>/tuner.pkl, experiment_state-*.json, <key>/result.json ...   (Ray's, standard)
 
-A trial's key is its parameters plus a short hash of its resolved config and seed, so a
-rerun or a resubmitted sweep finds the same folder.
+A trial's key is its parameters (and sample index, when a sweep draws several samples) plus
+a short hash of its run identity, so a rerun, a resubmitted sweep or an upgraded release
+finds the same folder. Records change only by compare-and-swap (`RecordStore`).
 
 Example:
     >>> from rcig.config import make_config
@@ -22,14 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
-import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from rcig import storage
-from rcig.config import DistillConfig
+from rcig.config import DistillConfig, identity_hash
 
 MANIFEST = "rcig_sweep.json"
 TRIALS = "trials"
@@ -45,6 +46,16 @@ class ManifestError(ValueError):
     """No (readable) sweep manifest at a URI; the message names the URI."""
 
 
+class DamagedRecord(ValueError):
+    """A trial record that is not valid JSON or not a record; the message names its path.
+    Never read as "no record": that would restart the trial with blank budgets."""
+
+    def __init__(self, uri: str, why: str):
+        self.uri = uri
+        super().__init__(f"{uri}: damaged trial record ({why}); fix or remove it "
+                         f"(`rcig sweep doctor` lists damaged records)")
+
+
 # ---- identity ------------------------------------------------------------------------
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -52,14 +63,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def trial_key(params: Mapping[str, Any], cfg: DistillConfig) -> str:
-    """Folder name of a trial: short `name=value` pairs + hash of (resolved config, seed)."""
-    digest = hashlib.sha256(f"{cfg.fingerprint()}|seed={cfg.seed}".encode()).hexdigest()[:8]
+def trial_key(params: Mapping[str, Any], cfg: DistillConfig, sample: int | None = None) -> str:
+    """Folder name of a trial: short `name=value` pairs, the sample index when the sweep
+    draws several samples, and a hash of the run's identity (`rcig.config.identity_hash`:
+    only the fields that change the distilled set, defaults left out) and the sample."""
+    ident = identity_hash(cfg) + ("" if sample is None else f"|sample={sample}")
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
     lasts = [k.rsplit(".", 1)[-1] for k in params]
     parts = []
     for k in sorted(params):
         short = k.rsplit(".", 1)[-1]
         parts.append(f"{short if lasts.count(short) == 1 else k}={_fmt(params[k])}")
+    if sample is not None:
+        parts.append(f"s{sample}")
     slug = re.sub(r"[^A-Za-z0-9._=,+-]", "-", ",".join(parts))[:60].rstrip(",")
     return f"{slug}_{digest}" if slug else digest
 
@@ -73,6 +89,7 @@ class TrialRecord:
     params: dict[str, Any]
     fingerprint: str
     config: dict[str, Any]
+    sample: int | str | None = None  # which sample of a repeated point (None: the only one)
     status: str = PENDING
     attempts: int = 0
     preemptions: int = 0
@@ -110,53 +127,85 @@ class TrialRecord:
     def last_error(self) -> str | None:
         return self.errors[-1]["traceback"] if self.errors else None
 
-    def open_attempt(self, **info: Any) -> dict[str, Any]:
-        self.attempts += 1
-        now = time.time()
-        att = {"n": self.attempts, "host": socket.gethostname(), "started": now,
-               "updated": now, "start_step": self.checkpoint_step, "outcome": None, **info}
-        self.history.append(att)
-        self.status = RUNNING
-        return att
-
-    def tick(self, now: float | None = None) -> None:
-        """Account accelerator time of the open attempt up to `now`."""
-        now = time.time() if now is None else now
-        if self.history and self.history[-1].get("outcome") is None:
-            att = self.history[-1]
-            self.accelerator_s += max(0.0, now - att["updated"]) * self.accelerators
-            att["updated"] = now
-
-    def close_attempt(self, outcome: str, **info: Any) -> None:
-        self.tick()
-        if self.history and self.history[-1].get("outcome") is None:
-            self.history[-1].update(outcome=outcome, ended=time.time(), end_step=self.step, **info)
-
 
 def trial_uri(sweep_uri: str, key: str) -> str:
     return storage.join(sweep_uri, TRIALS, key)
 
 
-def read_record(sweep_uri: str, key: str) -> TrialRecord | None:
-    uri = storage.join(trial_uri(sweep_uri, key), RECORD)
+def record_uri(sweep_uri: str, key: str) -> str:
+    return storage.join(trial_uri(sweep_uri, key), RECORD)
+
+
+def _parse_record(uri: str, text: str) -> TrialRecord:
     try:
-        return TrialRecord.from_dict(json.loads(storage.read_text(uri)))
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError):  # half-written local file is impossible; be lenient
-        return None
+        doc = json.loads(text)
+    except ValueError as e:
+        raise DamagedRecord(uri, f"not JSON: {e}") from None
+    if not isinstance(doc, dict) or "key" not in doc:
+        raise DamagedRecord(uri, "not a trial record")
+    try:
+        return TrialRecord.from_dict(doc)
+    except TypeError as e:
+        raise DamagedRecord(uri, str(e)) from None
+
+
+def read_record(sweep_uri: str, key: str) -> TrialRecord | None:
+    """The trial's record; None if it has none; `DamagedRecord` if it is unreadable."""
+    uri = record_uri(sweep_uri, key)
+    cur = storage.read_versioned(uri)
+    return None if cur is None else _parse_record(uri, cur.text)
+
+
+class RecordStore:
+    """One trial's record, changed only by compare-and-swap (`update`).
+
+    The trial's actor, the driver's callback and `rcig sweep resume` all change records;
+    each change is a function of the current record, applied to a freshly read copy and
+    written only if nobody wrote in between (else it is recomputed), so no update is lost.
+    """
+
+    def __init__(self, sweep_uri: str, key: str, attempts: int = 20):
+        self.sweep_uri, self.key, self.uri = sweep_uri, key, record_uri(sweep_uri, key)
+        self.attempts = attempts
+
+    def update(self, change: Callable[[TrialRecord | None], Any]) -> Any:
+        """Apply `change(record or None)`; it returns the new record, or an object with a
+        `.record` (a lifecycle Decision), which is returned. Raises `DamagedRecord`."""
+        for _ in range(self.attempts):
+            cur = storage.read_versioned(self.uri)
+            rec = None if cur is None else _parse_record(self.uri, cur.text)
+            out = change(rec)
+            new = getattr(out, "record", out)
+            if new is None:
+                return out
+            new.updated = time.time()
+            try:
+                storage.write_if(self.uri, new.to_json(), None if cur is None else cur.version)
+                return out
+            except storage.PreconditionFailed:
+                time.sleep(random.uniform(0.01, 0.2))
+        raise storage.StorageError(f"{self.uri}: still changing after {self.attempts} tries; "
+                                   f"giving up this update")
 
 
 def write_record(sweep_uri: str, rec: TrialRecord) -> None:
+    """Replace a record unconditionally (tests and repairs; trials use RecordStore)."""
     rec.updated = time.time()
-    storage.write_text(storage.join(trial_uri(sweep_uri, rec.key), RECORD), rec.to_json())
+    storage.write_text(record_uri(sweep_uri, rec.key), rec.to_json())
 
 
-def read_records(sweep_uri: str) -> list[TrialRecord]:
-    """All trial records of a sweep, sorted by key (missing/unreadable ones skipped)."""
+def read_records(sweep_uri: str, damaged: list[DamagedRecord] | None = None) -> list[TrialRecord]:
+    """All trial records of a sweep, sorted by key. A damaged record is never dropped
+    silently: it goes to `damaged` if given, else `DamagedRecord` is raised."""
     out = []
     for key in storage.listdir(storage.join(sweep_uri, TRIALS)):
-        rec = read_record(sweep_uri, key)
+        try:
+            rec = read_record(sweep_uri, key)
+        except DamagedRecord as e:
+            if damaged is None:
+                raise
+            damaged.append(e)
+            continue
         if rec is not None:
             out.append(rec)
     return out

@@ -125,6 +125,9 @@ class Searcher:
     name: str
     problems: Callable[[Mapping[str, Mapping[str, list]]], list[tuple[str, str]]]
     build: Callable[["SweepSpec"], tuple[Any, bool]]
+    # True: every trial is a new proposal (its Tune trial id tells samples apart); False:
+    # `num_samples` repeats the space, and each repeat's index is part of the trial key.
+    proposes: bool = False
 
 
 def _basic_variants(spec: "SweepSpec") -> tuple[Any, bool]:
@@ -137,7 +140,22 @@ def _basic_variants(spec: "SweepSpec") -> tuple[Any, bool]:
 def _optuna(spec: "SweepSpec") -> tuple[Any, bool]:
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(seed=spec.search_seed), False
+    class RcigOptunaSearch(OptunaSearch):
+        """TPE on the spec's metric. The metric and mode are given here, not through
+        TuneConfig (which leaves them unset when a scheduler holds them); a result that
+        does not carry the metric (a report before the first intermediate metric, or
+        the terminal-budget notice) is not passed to Optuna, which would raise KeyError."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result is not None and self.metric not in result:
+                result, error = None, True  # Optuna records it as failed, not as a value
+            super().on_trial_complete(trial_id, result, error)
+
+    return RcigOptunaSearch(metric=spec.metric, mode=spec.mode, seed=spec.search_seed), False
 
 
 def _no_problems(space: Mapping[str, Mapping[str, list]]) -> list[tuple[str, str]]:
@@ -162,7 +180,7 @@ SEARCHERS: dict[str, Searcher] = {
         # Grid entries are crossed, random ones drawn; num_samples repeats the grid.
         Searcher("random", _no_problems, _basic_variants),
         Searcher("grid", _grid_only, _basic_variants),
-        Searcher("optuna", _optuna_problems, _optuna),
+        Searcher("optuna", _optuna_problems, _optuna, proposes=True),
     )
 }
 

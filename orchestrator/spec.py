@@ -19,11 +19,12 @@ A spec (all keys but ``name`` and ``base.dataset`` optional)::
       space:                                       # dotted DistillConfig fields
         outer.proto_lr: {loguniform: [0.001, 0.01]}
         model.width: {grid: [16, 32]}
-    num_samples: 1                                 # repeats of the grid (random draws)
+    num_samples: 1                                 # repeats of the grid (random draws); repeat k
+                                                   # has its own folder and seed (seed + k)
     max_concurrent: 2
     resources: {cpu: 1, gpu: 0, tpu: 0, accelerator_type: null}
     scheduler: none                                # or {type: asha, metric, mode, ...}
-    metric: eval/mean                              # leaderboard metric
+    metric: val/acc                                # selection metric (validation accuracy)
     mode: max
     storage: ./sweep_results                       # parent folder / URI of sweeps
     max_failures: 2                                # real errors per trial
@@ -327,7 +328,7 @@ class SweepSpec(_Block):
     max_concurrent: int | None = spec_field(None, check=_at_least(1))
     resources: Resources = spec_field(default_factory=Resources)
     scheduler: Any = spec_field(None, parse=_parse_scheduler)  # None or a SCHEDULERS options object
-    metric: str = spec_field("eval/mean", check=lambda v: None if v else "must be a metric name such as eval/mean")
+    metric: str = spec_field("val/acc", check=lambda v: None if v else "must be a metric name such as val/acc")
     mode: Literal["min", "max"] = "max"
     storage: str | None = spec_field(None, hint="a path or URI, e.g. ./sweep_results or gs://bucket/sweeps",
                                      check=lambda v: None if v.strip() else "must be a path or URI, got ''")
@@ -381,6 +382,11 @@ class SweepSpec(_Block):
         """(count, unit) of a trial's devices, billed as accelerator-seconds: TPU chips,
         else GPUs, else CPUs (`orchestrator.devices.trial_devices`)."""
         return trial_devices(self.resources)
+
+    def searcher_proposes(self) -> bool:
+        """Whether the search algorithm proposes each trial (optuna) rather than repeating
+        the space `num_samples` times (random, grid)."""
+        return search_registry.SEARCHERS[self.algorithm].proposes
 
     def grid_size(self) -> int:
         """Trials the search creates: product of grid lengths times num_samples."""

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from orchestrator import lifecycle as lc
 from orchestrator import manifest as mf
 from orchestrator.locate import default_root, resolve_sweep
 from orchestrator.spec import SweepSpec, load_spec, spec_from_raw
@@ -87,20 +88,27 @@ def build_tuner(spec: SweepSpec, sweep_uri: str, param_space: dict[str, Any] | N
 
     from orchestrator.callbacks import BudgetCallback, ray_max_failures
     from orchestrator.search import build_search
-    from orchestrator.trial import TrialContext, key_of, make_trainable
+    from orchestrator.trial import SAMPLE_KEY, TrialContext, key_of, make_trainable
 
     storage_path, name, fs = storage_for_ray(sweep_uri)
     search_alg, scheduler, metric, mode, max_concurrent = build_search(
         spec, restored_space=param_space is not None)
 
     def dirname(trial) -> str:
-        return key_of(spec, trial.config)
+        return key_of(spec, trial.config, trial.trial_id)
 
+    num_samples = spec.num_samples if param_space is None else 1
+    if param_space is None:
+        param_space = ray_space(spec)
+        if num_samples > 1 and not spec.searcher_proposes():
+            # Repeats as a grid dimension: each repeat knows its index (its own folder).
+            param_space[SAMPLE_KEY] = tune.grid_search(list(range(num_samples)))
+            num_samples = 1
     return tune.Tuner(
         make_trainable(TrialContext(storage.normalize(sweep_uri), spec)),
-        param_space=ray_space(spec) if param_space is None else param_space,
+        param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, num_samples=spec.num_samples if param_space is None else 1,
+            metric=metric, mode=mode, num_samples=num_samples,
             max_concurrent_trials=max_concurrent, scheduler=scheduler,
             search_alg=search_alg, reuse_actors=False,
             trial_dirname_creator=dirname, trial_name_creator=dirname),
@@ -120,9 +128,12 @@ def _launch_info(address: str | None, kind: str) -> dict[str, Any]:
 
 
 def _counts(sweep_uri: str) -> dict[str, int]:
+    damaged: list[mf.DamagedRecord] = []
     counts: dict[str, int] = {}
-    for rec in mf.read_records(sweep_uri):
+    for rec in mf.read_records(sweep_uri, damaged):
         counts[rec.status] = counts.get(rec.status, 0) + 1
+    if damaged:
+        counts["DAMAGED"] = len(damaged)
     return counts
 
 
@@ -152,7 +163,7 @@ def resume(name_or_uri: str, address: str | None = None, shared_storage: bool = 
     """Continue a sweep from storage: Ray's state if readable, else our manifest."""
     from ray import tune
 
-    from orchestrator.trial import PARAMS_KEY, TrialContext, make_trainable
+    from orchestrator.trial import TrialContext, make_trainable
 
     sweep_uri = resolve_sweep(name_or_uri)
     check_storage(sweep_uri, address, shared_storage)
@@ -160,14 +171,14 @@ def resume(name_or_uri: str, address: str | None = None, shared_storage: bool = 
     spec = spec_from_raw(doc["spec"], source=doc.get("source", "<manifest>"))
     init_ray(address)
     checked = preflight(spec, address)
-    records = mf.read_records(sweep_uri)
+    damaged: list[mf.DamagedRecord] = []
+    records = mf.read_records(sweep_uri, damaged)
     for rec in records:  # resume grants errored trials a fresh budget
         if rec.status == mf.ERROR:
-            rec.budget_base_failures, rec.budget_base_preemptions = rec.failures, rec.preemptions
-            rec.status = mf.FAILED
-            mf.write_record(sweep_uri, rec)
+            mf.RecordStore(sweep_uri, rec.key).update(lambda cur: lc.grant_budgets(cur) if cur else None)
     mf.write_manifest(sweep_uri, spec.name, spec.raw, spec.source, _launch_info(address, "resume"))
     out = SweepOutcome(sweep_uri, spec.name, notes=list(checked))
+    out.notes += [f"{e} (that trial stops with this error)" for e in damaged]
     storage_path, name, fs = storage_for_ray(sweep_uri)
     exp_path = sweep_uri if fs is None else posixpath.join(storage_path, name)
     tuner = None
@@ -193,12 +204,13 @@ def _manifest_space(spec: SweepSpec, records: list[mf.TrialRecord], out: SweepOu
     deterministic (trials adopt their folders), else the recorded trials' params."""
     from ray import tune
 
-    from orchestrator.trial import PARAMS_KEY
+    from orchestrator.trial import RECORDED_KEY
 
-    if all("grid" in d for d in spec.space.values()) and spec.num_samples == 1:
-        return None
+    if all("grid" in d for d in spec.space.values()) and not spec.searcher_proposes():
+        return None  # deterministic: the same trials (and sample indices) again
     missing = spec.grid_size() - len(records)
     if missing > 0:
         out.notes.append(f"{missing} sampled trial(s) had not started; run `rcig sweep launch` "
                          f"on the spec again to create them")
-    return {PARAMS_KEY: tune.grid_search([rec.params for rec in records])}
+    return {RECORDED_KEY: tune.grid_search([{"params": rec.params, "sample": rec.sample}
+                                            for rec in records])}

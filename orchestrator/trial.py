@@ -2,20 +2,20 @@
 
 `make_trainable(ctx)` returns the function trainable Tune runs. Per attempt it:
 
-1. resolves the trial's config and key (params + hash of config and seed) and its folder
-   `<sweep>/trials/<key>/`; a trial already COMPLETED there is adopted, not rerun;
-2. classifies how the previous attempt ended (its record has no outcome -> it was lost
-   with its node or driver: one preemption) and checks both budgets: `max_preemptions`
-   (node losses, notices) and `max_failures` (exceptions in the trial);
-3. waits while a previous attempt elsewhere still holds the trial's lease (it is
-   committing its preemption-notice checkpoint);
-4. runs the distillation in a child process (`orchestrator.trial_worker`) with the
-   device environment of its resources, relays metrics to Tune with the Orbax
-   checkpoint step and URI (never the checkpoint itself: no second upload), and keeps
-   the record (`trial.json`) up to date, at most every few seconds;
-5. ends COMPLETED (eval done, final metrics reported), PREEMPTED (notice honoured; Ray
-   reruns it, it resumes at that step) or FAILED (Ray reruns it until `max_failures`;
-   then ERROR with the traceback, and Tune is told not to retry: see
+1. resolves the trial's config and key (`resolve`: its parameters, its sample index when
+   the sweep draws several samples, and the hash of its run identity) and its folder
+   `<sweep>/trials/<key>/`;
+2. applies `lifecycle.start` to its record (compare-and-swap): a finished trial is
+   adopted, not rerun; an attempt left open was lost with its node or driver (one
+   preemption); a used-up budget (`max_failures`, `max_preemptions`) gives up;
+3. runs the distillation in a child process (`orchestrator.trial_worker`) with the device
+   environment of its resources. The child takes the folder's lease (`rcig.lease`)
+   before writing anything, so two attempts never write one folder. Metrics go to Tune
+   with the Orbax checkpoint step and URI (never the checkpoint itself: no second
+   upload), and to the record at most every few seconds;
+4. applies `lifecycle.finish` with how the attempt ended: COMPLETED (final metrics
+   reported), PREEMPTED (Ray reruns it; it resumes at its last committed step), FAILED
+   (rerun until `max_failures`) or ERROR (Tune is told not to retry: see
    `orchestrator.callbacks`).
 
 Inside the trial only `ray.tune.report` and `ray.tune.get_context` are used.
@@ -27,8 +27,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,12 +38,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from orchestrator import lifecycle as lc
 from orchestrator import manifest as mf
 from orchestrator.spec import SweepSpec
-from orchestrator.trial_worker import EXIT_PREEMPTED, LEASE, lease_heartbeat_s
+from orchestrator.trial_worker import EXIT_LEASE_LOST, EXIT_PREEMPTED
 from rcig import storage
+from rcig.config import identity_hash
 
-PARAMS_KEY = "_rcig_params"  # resume fallback wraps recorded params under this key
+PARAMS_KEY = "_rcig_params"  # (older sweeps) resume fallback: recorded params
+RECORDED_KEY = "_rcig_recorded"  # resume fallback: {"params": ..., "sample": ...} of a record
+SAMPLE_KEY = "_rcig_sample"  # index of a sample when a sweep draws several (num_samples > 1)
 TERMINAL = "rcig/terminal"  # reported just before a final raise: Tune must not retry
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,14 +70,39 @@ class TrialContext:
 
 def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """The search parameters of a trial from Tune's config (plain or resume-wrapped)."""
+    if RECORDED_KEY in config:
+        return dict(config[RECORDED_KEY]["params"])
     if PARAMS_KEY in config:
         return dict(config[PARAMS_KEY])
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def key_of(spec: SweepSpec, config: Mapping[str, Any]) -> str:
+def trial_sample(config: Mapping[str, Any], trial_id: str | None = None) -> int | str | None:
+    """Which sample of the sweep a trial is: the index Tune's grid gave it (several samples
+    of a basic search), else, for a searcher, its Tune trial id (ids survive a driver
+    restore); None when the sweep draws one sample per point."""
+    if RECORDED_KEY in config:
+        return config[RECORDED_KEY].get("sample")
+    if PARAMS_KEY in config:
+        return None
+    if SAMPLE_KEY in config:
+        return config[SAMPLE_KEY]
+    return trial_id
+
+
+def resolve(spec: SweepSpec, config: Mapping[str, Any], trial_id: str | None = None):
+    """(params, sample, config, key) of a trial. Samples after the first of a repeated
+    point get their own seed (`seed + sample`) unless `seed` is searched."""
     params = trial_params(config)
-    return mf.trial_key(params, spec.trial_config(params))
+    sample = trial_sample(config, trial_id if spec.searcher_proposes() else None)
+    cfg = spec.trial_config(params)
+    if isinstance(sample, int) and sample and "seed" not in params:
+        cfg = dataclasses.replace(cfg, seed=cfg.seed + sample)
+    return params, sample, cfg, mf.trial_key(params, cfg, sample)
+
+
+def key_of(spec: SweepSpec, config: Mapping[str, Any], trial_id: str | None = None) -> str:
+    return resolve(spec, config, trial_id)[3]
 
 
 def make_trainable(ctx: TrialContext):
@@ -108,76 +139,58 @@ def _pointer(rec: mf.TrialRecord, trial_uri: str) -> dict[str, Any]:
     return out
 
 
+def budgets(spec: SweepSpec) -> lc.Budgets:
+    return lc.Budgets(spec.max_failures, spec.max_preemptions)
+
+
 def run_trial(config: Mapping[str, Any], ctx: TrialContext) -> None:
-    """One attempt of one trial (see the module docstring)."""
+    """One attempt of one trial: the lifecycle's `start`, the worker, its `finish`.
+
+    Every change to the record goes through `RecordStore.update` (compare-and-swap) with a
+    transition of `orchestrator.lifecycle`; this function only carries out the actions.
+    """
     from ray import tune
 
     spec = ctx.spec
-    params = trial_params(config)
-    cfg = spec.trial_config(params)
-    key = mf.trial_key(params, cfg)
+    params, sample, cfg, key = resolve(spec, config, _ray_ids()["ray_trial_id"])
     uri = mf.trial_uri(ctx.sweep_uri, key)
+    store = mf.RecordStore(ctx.sweep_uri, key)
     count, unit = spec.accelerators_per_trial()
-    rec = mf.read_record(ctx.sweep_uri, key) or mf.TrialRecord(
-        key=key, params=params, fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
-        accelerators=count, accelerator_unit=unit)
 
-    if rec.status in mf.FINAL_STATES:  # adopted: finished before, never rerun
+    def begin(rec: mf.TrialRecord | None) -> lc.Decision:
+        rec = rec or mf.TrialRecord(key=key, params=params, fingerprint=identity_hash(cfg),
+                                    config=cfg.to_dict(), accelerators=count,
+                                    accelerator_unit=unit, sample=sample)
+        return lc.start(rec, budgets(spec), time.time(), host=socket.gethostname(),
+                        worker_pid=os.getpid(), **_ray_ids())
+
+    try:
+        decision = store.update(begin)
+    except mf.DamagedRecord as e:  # never restart over it: budgets and results would be lost
+        tune.report({TERMINAL: 1, "rcig/trial_key": key})
+        raise TrialFailed(str(e)) from None
+    if decision.action == lc.ADOPT:  # finished before: never rerun
+        tune.report(final_metrics(decision.record, uri, spec))
+        return
+    if decision.action == lc.GIVE_UP:
+        _give_up(decision, "budget exhausted before this attempt")
+    ending = _run_child(decision.record, cfg, uri, ctx, store)
+    decision = store.update(lambda rec: lc.finish(rec, ending, budgets(spec), time.time()))
+    rec = decision.record
+    if decision.action == lc.REPORT:
         tune.report(final_metrics(rec, uri, spec))
         return
-    if rec.history and rec.history[-1].get("outcome") is None:
-        rec.history[-1].update(outcome="lost", ended=rec.history[-1].get("updated"))
-        rec.preemptions += 1
-    if rec.failures_used > spec.max_failures or rec.preemptions_used > spec.max_preemptions:
-        _terminal(rec, ctx, "budget exhausted before this attempt")
-    _wait_for_lease(uri, rec.attempts)
-
-    att = rec.open_attempt(worker_pid=os.getpid(), **_ray_ids())
-    mf.write_record(ctx.sweep_uri, rec)
-    code, result, error = _run_child(rec, cfg, uri, ctx, att)
-    if result is not None and "resumed_from" in result:  # what the run really started from
-        att["start_step"] = result["resumed_from"] or 0
-
-    if code == 0 and result is not None:
-        rec.step = result.get("step", rec.step)
-        rec.metrics.update(result.get("final_metrics") or {})
-        rec.eval = result.get("eval")
-        rec.wall_s = result.get("wall_s")
-        if result.get("checkpoint_step") is not None:
-            rec.checkpoint_step = result["checkpoint_step"]
-        rec.close_attempt("completed")
-        rec.status = mf.COMPLETED
-        mf.write_record(ctx.sweep_uri, rec)
-        tune.report(final_metrics(rec, uri, spec))
-        return
-    if code == EXIT_PREEMPTED:
-        if result is not None and result.get("checkpoint_step") is not None:
-            rec.checkpoint_step = result["checkpoint_step"]
-        rec.close_attempt("preempted")
-        rec.preemptions += 1
-        rec.status = mf.PREEMPTED
-        mf.write_record(ctx.sweep_uri, rec)
-        if rec.preemptions_used > spec.max_preemptions:
-            _terminal(rec, ctx, "max_preemptions reached")
-        raise TrialPreempted(f"trial {key}: preemption notice; checkpoint committed at step "
-                             f"{rec.checkpoint_step}; it resumes from there when rescheduled")
-    tb = error or f"trial worker exited with code {code} without a traceback (killed? out of memory?)"
-    rec.errors.append({"attempt": rec.attempts, "at": time.time(), "traceback": tb[-8000:]})
-    rec.close_attempt("failed")
-    rec.failures += 1
-    rec.status = mf.FAILED
-    mf.write_record(ctx.sweep_uri, rec)
-    if rec.failures_used > spec.max_failures:
-        _terminal(rec, ctx, f"failed {rec.failures_used} times (max_failures={spec.max_failures})")
-    raise TrialFailed(f"trial {key} failed (attempt {rec.attempts}); retrying from its last "
-                      f"checkpoint:\n{tb}")
+    if decision.action == lc.GIVE_UP:
+        _give_up(decision, decision.reason)
+    if ending.kind in ("preempted", "lost"):
+        raise TrialPreempted(f"trial {key}: {decision.reason}; it resumes from there when rescheduled")
+    raise TrialFailed(f"trial {key} {decision.reason}:\n{rec.last_error()}")
 
 
-def _terminal(rec: mf.TrialRecord, ctx: TrialContext, why: str) -> None:
+def _give_up(decision: lc.Decision, why: str) -> None:
     from ray import tune
 
-    rec.status = mf.ERROR
-    mf.write_record(ctx.sweep_uri, rec)
+    rec = decision.record
     tune.report({TERMINAL: 1, "rcig/trial_key": rec.key})  # the callback stops Tune's retries
     raise TrialFailed(f"trial {rec.key}: {why}; giving up. Last error:\n{rec.last_error() or why}")
 
@@ -193,22 +206,6 @@ def _ray_ids() -> dict[str, str | None]:
         trial_id = None
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return {"ray_trial_id": trial_id, "node_id": node_id}
-
-
-def _wait_for_lease(trial_uri: str, attempts: int) -> None:
-    """Wait while another attempt's worker still holds the lease (committing its notice
-    checkpoint); a lease not refreshed for 3 heartbeats is stale (its holder is gone)."""
-    uri = storage.join(trial_uri, LEASE)
-    stale = 3 * lease_heartbeat_s()
-    deadline = time.time() + 10 * stale
-    while time.time() < deadline:
-        try:
-            lease = json.loads(storage.read_text(uri))
-        except (FileNotFoundError, ValueError):
-            return
-        if lease.get("released") or time.time() - float(lease.get("t", 0)) > stale:
-            return
-        time.sleep(min(1.0, stale / 3))
 
 
 def _warn_if_children_die_with_worker() -> None:
@@ -232,9 +229,28 @@ def _child_env(spec: SweepSpec) -> dict[str, str]:
     return env
 
 
+def _ending(code: int, result: dict | None, error: str | None) -> lc.Ending:
+    """How the attempt ended, from the worker's exit code and last events."""
+    res = result or {}
+    common = {"step": res.get("step"), "checkpoint_step": res.get("checkpoint_step"),
+              "resumed_from": res.get("resumed_from")}
+    if code == 0 and result is not None:
+        return lc.Ending("completed", metrics=res.get("final_metrics") or {}, eval=res.get("eval"),
+                         wall_s=res.get("wall_s"), **common)
+    if code == EXIT_PREEMPTED:
+        return lc.Ending("preempted", **common)
+    if code == EXIT_LEASE_LOST:
+        return lc.Ending("lost", **common)
+    if code < 0:
+        error = error or f"trial worker killed by signal {-code} (out of memory? killed by hand?)"
+    return lc.Ending("failed", error=error or f"trial worker exited with code {code} without a "
+                                              f"traceback (killed? out of memory?)", **common)
+
+
 def _run_child(rec: mf.TrialRecord, cfg, uri: str, ctx: TrialContext,
-               att: dict[str, Any]) -> tuple[int, dict | None, str | None]:
-    """Run the worker; relay its events to Tune and the record; return (code, result, tb)."""
+               store: mf.RecordStore) -> lc.Ending:
+    """Run the worker; relay its events to Tune and (at most every few seconds) to the
+    record; return how the attempt ended."""
     from ray import tune
 
     job = {"config": cfg.to_dict(), "out_uri": uri, "attempt": rec.attempts,
@@ -250,16 +266,22 @@ def _run_child(rec: mf.TrialRecord, cfg, uri: str, ctx: TrialContext,
             env=_child_env(ctx.spec), pass_fds=(w,), cwd=REPO_ROOT, start_new_session=True)
     finally:
         os.close(w)
-    att["pid"] = proc.pid
-    mf.write_record(ctx.sweep_uri, rec)
+    news: dict[str, Any] = {"pid": proc.pid}  # progress not yet written to the record
+
+    def flush() -> None:
+        update = dict(news)
+        news.clear()
+        store.update(lambda cur: lc.progress(cur, time.time(), **update) if cur else None)
+
+    flush()
     result = error = None
+    step = rec.step
     min_gap = float(os.environ.get("RCIG_RECORD_MIN_INTERVAL_S", "2"))
     last_write = time.time()
     try:
         for line in _lines(r, idle_s=float(os.environ.get("RCIG_RECORD_IDLE_S", "60"))):
             if line is None:  # quiet (compiling, evaluating): keep the record fresh
-                rec.tick()
-                mf.write_record(ctx.sweep_uri, rec)
+                flush()
                 last_write = time.time()
                 continue
             try:
@@ -268,18 +290,18 @@ def _run_child(rec: mf.TrialRecord, cfg, uri: str, ctx: TrialContext,
                 continue
             kind = ev.get("event")
             if kind == "metrics":
-                rec.step = ev["step"]
-                rec.metrics = {k: float(v) for k, v in ev["metrics"].items()}
-                tune.report({**rec.metrics, "step": rec.step, **_pointer(rec, uri)})
+                step = ev["step"]
+                metrics = {k: float(v) for k, v in ev["metrics"].items()}
+                news.update(step=step, metrics=metrics)
+                tune.report({**metrics, "step": step, **_pointer(rec, uri)})
             elif kind == "checkpoint":
-                rec.checkpoint_step = ev["step"]
+                news["checkpoint_step"] = rec.checkpoint_step = ev["step"]
             elif kind == "result":
                 result = ev
             elif kind == "error":
                 error = ev.get("traceback")
-            if kind in ("metrics", "checkpoint") and time.time() - last_write >= min_gap:
-                rec.tick()
-                mf.write_record(ctx.sweep_uri, rec)
+            if news and time.time() - last_write >= min_gap:
+                flush()
                 last_write = time.time()
         code = proc.wait()
     finally:
@@ -290,7 +312,9 @@ def _run_child(rec: mf.TrialRecord, cfg, uri: str, ctx: TrialContext,
             except subprocess.TimeoutExpired:
                 proc.kill()
         os.unlink(job_path)
-    return code, result, error
+    if news:
+        flush()
+    return _ending(code, result, error)
 
 
 def _lines(fd: int, idle_s: float):

@@ -17,8 +17,11 @@ thread. Here the distillation runs in the main thread of its own process, so:
 Protocol: argv = [job.json path, event fd]. One JSON object per line on the event fd:
 ``{"event": "metrics", "step": s, "metrics": {...}}``, ``{"event": "checkpoint", "step": s}``,
 ``{"event": "result", ...RunResult...}`` or ``{"event": "error", "traceback": "..."}``.
-A lease file (`lease.json` in the trial folder) is refreshed while this process lives, so
-a rerun elsewhere can wait until this attempt's notice checkpoint is committed.
+Before writing anything the process takes the trial folder's lease (`rcig.lease`, a
+compare-and-swap lock renewed while it lives): a rerun elsewhere waits until this
+attempt's notice checkpoint is committed, and two attempts never write one folder. Exit
+76: another live attempt holds the folder; 77: the lease was taken over (this process
+looked dead), and it stopped writing at once.
 
 Example (what `orchestrator.trial` runs)::
 
@@ -33,17 +36,11 @@ import json
 import os
 import signal
 import sys
-import threading
-import time
 import traceback
 
 EXIT_PREEMPTED = 75  # = rcig.preemption.EXIT_PREEMPTED (not imported: keeps this light)
-LEASE = "lease.json"
-
-
-def lease_heartbeat_s() -> float:
-    """How often the lease is refreshed (env `RCIG_LEASE_HEARTBEAT_S`, default 5 s)."""
-    return float(os.environ.get("RCIG_LEASE_HEARTBEAT_S", "5"))
+EXIT_LEASE_HELD = 76  # another live attempt holds the folder: nothing was written
+EXIT_LEASE_LOST = 77  # the lease was taken over mid-run: stopped writing at once
 
 
 def _set_parent_death_signal() -> None:
@@ -53,38 +50,6 @@ def _set_parent_death_signal() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except OSError:
             pass
-
-
-class _Lease:
-    """Refreshes `<trial>/lease.json` from a thread until released."""
-
-    def __init__(self, trial_uri: str, attempt: int):
-        from rcig import storage
-
-        self._storage = storage
-        self.uri = storage.join(trial_uri, LEASE)
-        self.attempt = attempt
-        self._done = threading.Event()
-        self._write(released=False)
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _write(self, released: bool) -> None:
-        doc = {"attempt": self.attempt, "pid": os.getpid(), "host": os.uname().nodename,
-               "t": time.time(), "released": released}
-        try:
-            self._storage.write_text(self.uri, json.dumps(doc))
-        except Exception:  # a missed heartbeat only delays a rerun; never kill the run
-            pass
-
-    def _loop(self) -> None:
-        while not self._done.wait(lease_heartbeat_s()):
-            self._write(released=False)
-
-    def release(self) -> None:
-        self._done.set()
-        self._thread.join(timeout=5)
-        self._write(released=True)
 
 
 def main(argv: list[str]) -> int:
@@ -125,7 +90,17 @@ def main(argv: list[str]) -> int:
     with GcePreemptionWatcher() as gce, StopControl(sources=(gce,), on_abort=report_stopped) as stop:
         if os.getppid() != job["parent_pid"]:  # parent died before the death signal was armed
             os.kill(os.getpid(), signal.SIGTERM)
-        lease = _Lease(job["out_uri"], job["attempt"])
+        from rcig.lease import LeaseHeld, acquire
+
+        def lost(why: str) -> None:  # another attempt owns the folder now: write nothing more
+            emit({"event": "error", "traceback": why})
+            os._exit(EXIT_LEASE_LOST)
+
+        try:
+            lease = acquire(job["out_uri"], info={"attempt": job["attempt"]}, on_lost=lost)
+        except LeaseHeld as e:
+            emit({"event": "error", "traceback": str(e)})
+            return EXIT_LEASE_HELD
         try:
             from rcig.config import DistillConfig
             from rcig.distill import run_distillation

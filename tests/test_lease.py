@@ -117,3 +117,28 @@ def test_gcs_conditional_write_refuses_a_stale_version(gcs_bucket):
     with pytest.raises(storage.PreconditionFailed):
         storage.write_if(uri, "d", v1)
     assert storage.read_versioned(uri) == storage.Versioned("c", v2)
+
+
+def test_trial_worker_refuses_a_folder_held_by_a_live_attempt(tmp_path):
+    """A second attempt on a trial folder whose lease is renewed writes nothing: it waits
+    its bounded time, then exits 76 naming the holder."""
+    from orchestrator.trial_worker import EXIT_LEASE_HELD
+
+    folder = tmp_path / "trial"
+    held = lease.acquire(str(folder), wait_s=0, heartbeat=0.2, info={"attempt": 1})
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"config": {}, "out_uri": str(folder), "attempt": 2,
+                               "parent_pid": os.getpid()}))
+    r, w = os.pipe()
+    env = dict(_env(), RCIG_LEASE_HEARTBEAT_S="0.2")
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.trial_worker", str(job), str(w)],
+                         cwd=REPO, env=env, pass_fds=(w,))
+    os.close(w)
+    with os.fdopen(r) as events:
+        lines = events.read().splitlines()
+    assert p.wait(timeout=60) == EXIT_LEASE_HELD
+    err = json.loads(lines[-1])
+    assert err["event"] == "error" and "in use by attempt 1" in err["traceback"]
+    assert sorted(os.listdir(folder)) == ["lease.json"]  # nothing else written
+    assert not held.lost.is_set()
+    held.release()

@@ -97,7 +97,7 @@ def test_quickstart_completes_best_and_fetch(quick, tmp_path):
 def test_ray_experiment_analysis_reads_sweep_folder(quick):
     from ray.tune import ExperimentAnalysis
 
-    ea = ExperimentAnalysis(quick.sweep_uri, default_metric="eval/mean", default_mode="max")
+    ea = ExperimentAnalysis(quick.sweep_uri, default_metric="val/acc", default_mode="max")
     assert len(ea.trials) == 2 and {t.status for t in ea.trials} == {"TERMINATED"}
     top = best(quick.sweep_uri, top=1)[0]
     assert ea.best_config == top["params"]
@@ -227,3 +227,17 @@ def test_everything_on_gcs_from_a_fresh_process(ray_local, gcs, tmp_path):
     again = resume(uri)
     assert again.counts == {mf.COMPLETED: 1} and not again.notes, again
     assert mf.read_records(uri)[0].attempts == 1
+
+
+@pytest.mark.parametrize("space", ["{model.width: {grid: [8]}}", "{model.width: {choice: [8]}}"],
+                         ids=["grid-repeats", "choice-drawn-twice"])
+def test_samples_of_one_point_get_their_own_folders_and_seeds(ray_local, tmp_path, space):
+    """num_samples=2 over a grid-only space, or a choice that draws the same value twice:
+    two trials, two folders, two seeds, neither taken for the other's lost attempt."""
+    out = launch(QUICKSTART, storage_uri=str(tmp_path), sets=TINY + [
+        f"search.space={space}", "num_samples=2", "eval.runs=1"])
+    recs = mf.read_records(out.sweep_uri)
+    assert len({r.key for r in recs}) == 2 and {r.status for r in recs} == {mf.COMPLETED}
+    assert sorted(r.sample for r in recs) == [0, 1]
+    assert sorted(r.config["seed"] for r in recs) == [0, 1]
+    assert all(r.attempts == 1 and r.preemptions == 0 for r in recs)
