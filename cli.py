@@ -18,6 +18,60 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# ---- logging: one line per record; library tracebacks only with RCIG_DEBUG=1 ----------
+def _setup_logging() -> None:
+    """Library log records (gcsfs, aiohttp, asyncio, Orbax...) print one line each, with the
+    exception's type and message instead of its traceback, and an uncaught error in a
+    background thread prints one line; all unless RCIG_DEBUG=1."""
+    import logging
+    import sys
+    import threading
+
+    if os.environ.get("RCIG_DEBUG"):
+        return
+
+    def squash(text: object) -> str:
+        return " ".join(str(text).split())
+
+    class OneLine(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            exc = record.exc_info[1] if record.exc_info else None
+            record = logging.makeLogRecord(record.__dict__)
+            record.exc_info = record.exc_text = record.stack_info = None
+            line = squash(super().format(record))
+            return line + (f" ({type(exc).__name__}: {squash(exc)})" if exc is not None else "")
+
+    one_line = OneLine("%(levelname)s:%(name)s:%(message)s")
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+        root.setLevel(logging.WARNING)
+    for h in root.handlers:  # plain stderr handlers only (a test harness's are left alone)
+        if type(h) is logging.StreamHandler:
+            h.setFormatter(one_line)
+
+    def thread_error(args) -> None:
+        if args.exc_type is not SystemExit:
+            name = getattr(args.thread, "name", "?")
+            print(f"warning: thread {name}: {args.exc_type.__name__}: {squash(args.exc_value)}",
+                  file=sys.stderr, flush=True)
+
+    def unraisable(u) -> None:
+        if u.exc_type is not None:
+            print(f"warning: {u.exc_type.__name__}: {squash(u.exc_value)}", file=sys.stderr, flush=True)
+
+    if threading.excepthook is threading.__excepthook__:  # not when a harness installed its own
+        threading.excepthook = thread_error
+    if sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = unraisable
+
+
+@app.callback()
+def _main() -> None:
+    """RCIG dataset distillation: local runs, Ray Tune sweeps, leaderboards, fetch."""
+    _setup_logging()
+
+
 # ---- section: distill ---------------------------------------------------------------
 def _fail(msg: str, code: int = 1) -> None:
     """Print a user error (`error: ...`, one line per line of `msg`) and exit with `code`."""
@@ -146,7 +200,7 @@ def eval_cmd(
 # ---- end section: eval --------------------------------------------------------------
 
 # ---- section: sweep / best / fetch --------------------------------------------------
-sweep_app = typer.Typer(help="Ray Tune sweeps of RCIG: launch, resume, status.", no_args_is_help=True)
+sweep_app = typer.Typer(help="Ray Tune sweeps of RCIG: launch, resume, status, doctor.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")
 
 
@@ -255,13 +309,15 @@ def sweep_status_cmd(
     for r in st["trials"]:
         step = f"{_fmt(r['step'], 'd', '0')}/{_fmt(r['steps'], 'd', '?')}"
         state = r["status"]
-        if state == "RUNNING" and (r["updated_ago_s"] or 0) > 180:
+        if r["stale"]:
             state, stale = "RUNNING*", True
         typer.echo(f"{r['key'][:46]:46} {state:10} {step:>11} {_fmt(r['checkpoint_step'], 'd'):>6} "
                    f"{_fmt(r['metrics'].get('outer/loss'), '.4f'):>9} {_fmt(r['eval_mean'], '.4f'):>7} "
                    f"{r['preemptions']:>4} {r['failures']:>4} {r['accelerator_hours']:>7.3f}")
     if stale:
         typer.echo(f"* no update for over 3 minutes: if the sweep's driver is gone, run `rcig sweep resume {sweep}`")
+    for d in st["damaged"]:
+        typer.echo(f"DAMAGED {d['error']}")
     for r in st["trials"]:
         if r["error"]:
             typer.echo(f"\n{r['status']} {r['key']} (attempt {r['attempts']}), last traceback:")
@@ -271,14 +327,45 @@ def sweep_status_cmd(
     typer.echo(f"next: rcig best {sweep}   |   rcig report {sweep}{more}")
 
 
+@sweep_app.command("doctor")
+def sweep_doctor_cmd(
+    sweep: str = typer.Argument(..., help="Sweep name or URI."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """List what needs attention: damaged records, held or stale leases, trials RUNNING
+    with no update, missing checkpoints or folders (storage only, no Ray). Exit 1 if any
+    problem is found.
+
+    Example: rcig sweep doctor quickstart
+    """
+    import json as _json
+
+    from orchestrator.doctor import diagnose
+
+    try:
+        dx = diagnose(sweep)
+    except _sweep_user_errors() as e:
+        _sweep_fail(str(e))
+    if as_json:
+        typer.echo(_json.dumps(dx.to_dict(), indent=1))
+    else:
+        for f in dx.findings:
+            typer.echo(f"{'problem' if f.problem else 'info':7} {f.kind:18} {f.path}: {f.detail}")
+        typer.echo(f"{dx.sweep_uri}: {dx.trials} trial(s), {len(dx.problems)} problem(s)")
+    if dx.problems:
+        raise typer.Exit(1)
+
+
 @app.command("best")
 def best_cmd(
     sweep: str = typer.Argument(..., help="Sweep name or URI."),
-    metric: str = typer.Option(None, "--metric", help="Rank by this metric (default: the spec's, eval/mean)."),
+    metric: str = typer.Option(None, "--metric", help="Rank by this metric (default: the spec's validation metric, val/acc)."),
     top: int = typer.Option(5, "--top", help="How many trials to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Leaderboard of a sweep, best first, with the random-real baseline, accelerator-hours and cost.
+    """Leaderboard of a sweep, best first by validation accuracy, with test accuracy and the
+    random-real baseline (validation / test) beside it, accelerator-hours and cost. A
+    trial stopped early is ranked on the intermediate estimate it reached (val from "probe").
 
     Example: rcig best quickstart --top 3
     """
@@ -293,14 +380,16 @@ def best_cmd(
     if as_json:
         typer.echo(_json.dumps(rows, indent=1, default=str))
         return
-    typer.echo(f"{'#':>2} {'trial':46} {rows[0]['metric']:>12} {'eval±std':>15} {'random±std':>15} "
-               f"{'state':10} {'acc-h':>7} {'cost':>8}")
+    typer.echo(f"{'#':>2} {'trial':46} {rows[0]['metric']:>12} {'val':>12} {'test±std':>15} "
+               f"{'random val/test':>15} {'state':10} {'acc-h':>7} {'cost':>8}")
     for r in rows:
+        val = (f"{_fmt(r['val_mean'])}" + (" (probe)" if r.get("val_source") == "probe" else "")
+               if r.get("val_mean") is not None else "-")
         ev = f"{_fmt(r['eval_mean'])}±{_fmt(r['eval_std'], '.3f')}" if r["eval_mean"] is not None else "-"
-        rnd = (f"{_fmt(r['baseline_mean'])}±{_fmt(r['baseline_std'], '.3f')}"
+        rnd = (f"{_fmt(r.get('baseline_val_mean'))}/{_fmt(r['baseline_mean'])}"
                if r.get("baseline_mean") is not None else "-")
-        typer.echo(f"{r['rank']:>2} {r['key'][:46]:46} {r['value']:>12.4f} {ev:>15} {rnd:>15} {r['status']:10} "
-                   f"{r['accelerator_hours']:>7.3f} {_fmt(r['cost'], '.2f'):>8}")
+        typer.echo(f"{r['rank']:>2} {r['key'][:46]:46} {r['value']:>12.4f} {val:>12} {ev:>15} {rnd:>15} "
+                   f"{r['status']:10} {r['accelerator_hours']:>7.3f} {_fmt(r['cost'], '.2f'):>8}")
     typer.echo(f"next: rcig fetch {sweep} --to best/   |   rcig report {sweep}")
 
 
@@ -310,7 +399,8 @@ def fetch_cmd(
     to: str = typer.Option(..., "--to", help="Local folder to copy the files into."),
     trial: str = typer.Option(None, "--trial", help="Trial key (or unique prefix); default: the best."),
 ):
-    """Download the best (or named) trial's distilled.npz/.png, eval.json, config.json and final checkpoint.
+    """Download the best (by validation accuracy, as `rcig best` ranks) or the named trial's
+    distilled.npz/.png, eval.json, config.json, split.json and final checkpoint.
 
     Example: rcig fetch quickstart --to best/
     """
@@ -320,7 +410,9 @@ def fetch_cmd(
         got = fetch(sweep, to, trial=trial)
     except _sweep_user_errors() as e:
         _sweep_fail(str(e))
-    ev = f" (eval {got['eval_mean']:.4f})" if got.get("eval_mean") is not None else ""
+    ev = "".join(f" {name} {got[k]:.4f}" for name, k in (("val", "val_mean"), ("test", "eval_mean"))
+                 if got.get(k) is not None)
+    ev = f" ({ev.strip()})" if ev else ""
     typer.echo(f"trial {got['key']}{ev} -> {got['to']}: {', '.join(got['files'])}")
     typer.echo(f"next: open {os.path.join(got['to'], 'distilled.png')}   |   rcig eval {got['to']}")
 

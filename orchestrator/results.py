@@ -3,6 +3,12 @@
 Everything here reads `orchestrator.manifest` records, so it works with no Ray cluster
 and with Ray's experiment state missing or damaged.
 
+Selection is on validation: `best` ranks by `val/acc` (a finished trial's final
+evaluation on the validation split; a trial a scheduler stopped early, by the last
+intermediate estimate it reached) unless another metric is asked for by name, and
+`fetch` takes that best. Test accuracy is shown beside it, never used to choose:
+the best of N trials picked on test overstates its test accuracy.
+
 Example:
     >>> rows = status("quickstart")                                # doctest: +SKIP
     >>> best("quickstart", top=1)[0]["key"]                        # doctest: +SKIP
@@ -16,12 +22,15 @@ import os
 import time
 from typing import Any
 
+from orchestrator import lifecycle as lc
 from orchestrator import manifest as mf
 from orchestrator.locate import resolve_sweep
 from rcig import storage
 
-FETCH_FILES = ("distilled.npz", "distilled.png", "eval.json", "config.json", "metrics.jsonl",
-               mf.RECORD)
+FETCH_FILES = ("distilled.npz", "distilled.png", "eval.json", "config.json", "split.json",
+               "metrics.jsonl", mf.RECORD)
+SELECT_METRIC = "val/acc"  # what `best` ranks by and `fetch` takes the best of
+TEST_METRICS = ("eval/mean", "test/acc")  # shown, never selected on by default
 
 
 class ResultsError(ValueError):
@@ -45,9 +54,18 @@ def trial_row(rec: mf.TrialRecord, price: float | None) -> dict[str, Any]:
         "attempts": rec.attempts, "accelerator_unit": rec.accelerator_unit,
         "accelerator_hours": hours, "cost": hours * price if price is not None else None,
         "eval_mean": (rec.eval or {}).get("mean"), "eval_std": (rec.eval or {}).get("std"),
+        # validation accuracy: the final evaluation's, else the latest intermediate estimate
+        "val_mean": metric_value(rec, SELECT_METRIC),
+        "val_std": ((rec.eval or {}).get("val") or {}).get("std"),
+        "val_source": ("eval" if (rec.eval or {}).get("val_mean") is not None else
+                       "probe" if rec.metrics.get(SELECT_METRIC) is not None else None),
+        "val_step": (rec.step if (rec.eval or {}).get("val_mean") is not None
+                     else rec.metrics.get("val/step")),
         # random real images of the same ipc, trained the same way (absent with baseline off)
         "baseline_mean": base.get("mean"), "baseline_std": base.get("std"),
+        "baseline_val_mean": base.get("val_mean"),
         "updated_ago_s": time.time() - rec.updated if rec.updated else None,
+        "stale": lc.is_stale_running(rec, time.time()),
         "error": rec.last_error() if rec.status in (mf.ERROR, mf.FAILED) else None,
     }
     return row
@@ -58,17 +76,29 @@ def status(name_or_uri: str) -> dict[str, Any]:
     uri = resolve_sweep(name_or_uri)
     doc = mf.read_manifest(uri)
     price, currency = _price(doc)
-    rows = [trial_row(r, price) for r in mf.read_records(uri)]
+    damaged: list[mf.DamagedRecord] = []
+    rows = [trial_row(r, price) for r in mf.read_records(uri, damaged)]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if damaged:
+        counts["DAMAGED"] = len(damaged)
     return {"sweep": doc["name"], "uri": uri, "counts": counts, "currency": currency,
             "metric": doc["spec"].get("metric", "eval/mean"), "trials": rows,
+            "damaged": [{"path": e.uri, "error": str(e)} for e in damaged],
             "launches": doc.get("launches", [])}
 
 
 def metric_value(rec: mf.TrialRecord, metric: str) -> float | None:
-    """`eval/<field>` from the eval result, anything else from the latest metrics."""
+    """`eval/<field>` from the eval result, anything else from the latest metrics.
+
+    `val/acc`: the final evaluation's validation mean if the trial has one, else the last
+    intermediate estimate it reported; `test/acc`: the final evaluation's test mean."""
+    if metric == SELECT_METRIC and rec.eval and rec.eval.get("val_mean") is not None:
+        return float(rec.eval["val_mean"])
+    if metric == "test/acc":
+        v = (rec.eval or {}).get("mean")
+        return float(v) if isinstance(v, (int, float)) else None
     if metric.startswith("eval/") and rec.eval:
         field = metric[len("eval/"):]
         v = rec.eval.get(field)
@@ -80,17 +110,25 @@ def metric_value(rec: mf.TrialRecord, metric: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
+def selection_metric(spec_metric: str | None) -> str:
+    """The metric `best` ranks by by default: the spec's, unless it is a test metric
+    (a sweep launched before validation existed): then `val/acc`."""
+    return SELECT_METRIC if not spec_metric or spec_metric in TEST_METRICS else spec_metric
+
+
 def best(name_or_uri: str, metric: str | None = None, top: int = 5,
          mode: str | None = None) -> list[dict[str, Any]]:
-    """Leaderboard: trials with `metric` (default: the spec's), best first."""
+    """Leaderboard: trials with `metric` (default: `selection_metric` of the spec's, a
+    validation metric), best first."""
     uri = resolve_sweep(name_or_uri)
     doc = mf.read_manifest(uri)
     spec = doc["spec"]
-    metric = metric or spec.get("metric", "eval/mean")
-    mode = mode or (spec.get("mode", "max") if metric == spec.get("metric", "eval/mean") else
+    default = selection_metric(spec.get("metric"))
+    metric = metric or default
+    mode = mode or (spec.get("mode", "max") if metric == default else
                     ("min" if "loss" in metric else "max"))
     price, _ = _price(doc)
-    recs = mf.read_records(uri)
+    recs = mf.read_records(uri, [])
     scored = [(metric_value(r, metric), r) for r in recs]
     scored = [(v, r) for v, r in scored if v is not None]
     if not scored:
@@ -144,7 +182,7 @@ def fetch(name_or_uri: str, to_dir: str, trial: str | None = None) -> dict[str, 
     checkpoint (the newest committed step) into `to_dir`; return {"key", "files",
     "checkpoint_step"}."""
     uri = resolve_sweep(name_or_uri)
-    recs = {r.key: r for r in mf.read_records(uri)}
+    recs = {r.key: r for r in mf.read_records(uri, [])}
     if trial is None:
         key = best(name_or_uri, top=1)[0]["key"]
     else:
@@ -171,4 +209,4 @@ def fetch(name_or_uri: str, to_dir: str, trial: str | None = None) -> dict[str, 
         storage.download(storage.join(src, "checkpoints", str(ckpt)), dest)
         files.append(f"checkpoint/{ckpt}")
     return {"key": key, "files": files, "checkpoint_step": ckpt, "to": os.path.abspath(to_dir),
-            "eval_mean": (rec.eval or {}).get("mean")}
+            "eval_mean": (rec.eval or {}).get("mean"), "val_mean": metric_value(rec, SELECT_METRIC)}
