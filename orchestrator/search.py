@@ -138,22 +138,7 @@ def _basic_variants(spec: "SweepSpec") -> tuple[Any, bool]:
 
 
 def _optuna(spec: "SweepSpec") -> tuple[Any, bool]:
-    from ray.tune.search.optuna import OptunaSearch
-
-    class RcigOptunaSearch(OptunaSearch):
-        """TPE on the spec's metric. The metric and mode are given here, not through
-        TuneConfig (which leaves them unset when a scheduler holds them); a result that
-        does not carry the metric (a report before the first intermediate metric, or
-        the terminal-budget notice) is not passed to Optuna, which would raise KeyError."""
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.metric in result:
-                super().on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if result is not None and self.metric not in result:
-                result, error = None, True  # Optuna records it as failed, not as a value
-            super().on_trial_complete(trial_id, result, error)
+    from orchestrator.optuna_search import RcigOptunaSearch
 
     return RcigOptunaSearch(metric=spec.metric, mode=spec.mode, seed=spec.search_seed), False
 

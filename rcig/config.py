@@ -142,6 +142,24 @@ class EvalConfig:
     width: int | None = None  # None: same as model.width
     batch_size: int = 256
     test_batch_size: int = 1000
+    # Intermediate validation metric (`rcig.val_probe`): every `every_steps` outer steps
+    # (0: never), `probe_runs` networks trained `probe_steps` steps at `probe_lr` (a short
+    # run needs a larger step than the full one) on the EMA distilled set, otherwise with
+    # this protocol, scored on the validation split, reported as `val/acc`.
+    every_steps: int = 0
+    probe_steps: int = 100
+    probe_lr: float = 1e-2
+    probe_runs: int = 1
+
+
+@dataclass(frozen=True)
+class ValConfig:
+    """The validation split carved from train (`rcig.data.split`): stratified, seeded by
+    the dataset, never seen by distillation; all selection uses it, the test split is
+    scored once at the end. `fraction` 0 turns it off."""
+
+    fraction: float = 0.1
+    max_images: int = 5000
 
 
 @dataclass(frozen=True)
@@ -181,6 +199,7 @@ class DistillConfig:
     faithful: FaithfulConfig = field(default_factory=FaithfulConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    val: ValConfig = field(default_factory=ValConfig)
 
     # ---- serialisation -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -444,6 +463,14 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.eval.runs >= 1, "eval.runs", "must be >= 1"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1"),
         (cfg.log_every >= 1, "log_every", "must be >= 1"),
+        (0.0 <= cfg.val.fraction < 1.0, "val.fraction", "must be in [0, 1)"),
+        (cfg.val.max_images >= 0, "val.max_images", "must be >= 0"),
+        (cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no intermediate metric)"),
+        (cfg.eval.probe_steps >= 1, "eval.probe_steps", "must be >= 1"),
+        (cfg.eval.probe_runs >= 1, "eval.probe_runs", "must be >= 1"),
+        (cfg.eval.probe_lr > 0, "eval.probe_lr", "must be > 0"),
+        (cfg.eval.every_steps == 0 or cfg.val.fraction > 0, "eval.every_steps",
+         "needs a validation split (val.fraction > 0)"),
     ]
     for ok, key, msg in checks:
         if not ok:

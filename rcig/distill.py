@@ -5,6 +5,7 @@ Writes to `out_uri` (local path, file:// or gs://):
     metrics.jsonl    one JSON object per outer step: {"step": s, "outer/loss": ..., ...}
     checkpoints/     Orbax checkpoints of the whole state (rcig.checkpoint)
     tuning.json      the LR search result (also inside the state)
+    split.json       the validation split held out of train (rcig.data.split)
     distilled.npz, distilled.png, eval.json   at the end
 
 Init order (resume by rerunning the same command):
@@ -31,9 +32,10 @@ from rcig.config import DistillConfig, run_differences, run_identity, validate
 from rcig.preemption import EXIT_PREEMPTED, phase  # noqa: F401  (EXIT_PREEMPTED re-exported)
 
 TUNING_JSON = "tuning.json"
+SPLIT_JSON = "split.json"
 EVAL_PARTIAL_JSON = "eval.partial.json"
 # What `--restart` moves aside (or deletes with --force) besides the checkpoints.
-RUN_FILES = ("config.json", "metrics.jsonl", TUNING_JSON, "distilled.npz", "distilled.png",
+RUN_FILES = ("config.json", "metrics.jsonl", TUNING_JSON, SPLIT_JSON, "distilled.npz", "distilled.png",
              "eval.json", EVAL_PARTIAL_JSON)
 
 
@@ -131,7 +133,7 @@ def run_distillation(
         >>> res.status, res.eval["mean"] > res.eval["baseline"]["mean"]
     """
     from rcig.checkpoint import CheckpointStore, should_save
-    from rcig.data import init_proto_indices, load_dataset, real_batch_indices, shifted_one_hot
+    from rcig.data import init_proto_indices, load_run_dataset, real_batch_indices, shifted_one_hot
     from rcig.engine import Engine
 
     validate(cfg)
@@ -150,12 +152,13 @@ def run_distillation(
             store.check_config(cfg_dict)
         else:
             check_run_folder(out, cfg)
-        ds = load_dataset(cfg.dataset, cfg.data_dir)
+        ds = load_run_dataset(cfg)  # train minus the validation split (never seen here)
         n_images = cfg.ipc * ds.num_classes
         engine = Engine(cfg, ds.image_shape, ds.num_classes, devices=devices)
     with phase("commit"):
         # First, so a folder stopped at any later point says which run it holds.
         storage.write_text(storage.join(out, "config.json"), cfg.to_json() + "\n")
+        export.write_json(storage.join(out, SPLIT_JSON), ds.split)
 
     def batch_for(s: int):
         idx = real_batch_indices(cfg.seed, s, len(ds.x_train), cfg.outer.real_batch_size)
@@ -225,6 +228,13 @@ def run_distillation(
     t_prev = time.perf_counter()
     s = start
 
+    probe = None
+    if cfg.eval.every_steps:
+        from rcig.val_probe import ValProbe, probe_due
+
+        probe = ValProbe(ds, cfg)
+    val_latest: dict[str, float] = {}  # the newest intermediate metric (rcig.val_probe)
+
     def consume(p) -> dict[str, float]:
         nonlocal t_prev
         s_done, m_dev = p
@@ -236,10 +246,12 @@ def run_distillation(
         if bad:
             flush()
             raise NonFiniteError(f"step {s_done}: non-finite {', '.join(sorted(bad))}; stopping (last checkpoint: step {store.latest_step()})")
+        if val_latest.get("val/step") == s_done:
+            m.update(val_latest)
         rows.append({"step": s_done, **m})
         if s_done % cfg.log_every == 0 or s_done == cfg.steps:
             if on_metrics:
-                on_metrics(s_done, m)
+                on_metrics(s_done, {**m, **val_latest})  # every report carries the metric
             bar.update(s_done, m)
         return m
 
@@ -258,6 +270,8 @@ def run_distillation(
             if pending is not None:
                 last_metrics = consume(pending)
             pending = (s, m_dev)
+            if probe is not None and probe_due(s, cfg.eval.every_steps, cfg.log_every, bool(val_latest)):
+                val_latest = {**probe(state["ema"]["average"]), "val/step": float(s)}
             stop = bool(stop_requested and stop_requested())
             if stop or should_save(s, clock(), last_ckpt_step, last_ckpt_time, cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds):
                 last_metrics = consume(pending)
@@ -307,6 +321,10 @@ def run_distillation(
             eval_result["distill_steps"] = s
             export.write_json(storage.join(out, "eval.json"), eval_result)
             storage.remove(storage.join(out, EVAL_PARTIAL_JSON))
+        # The final figures under the sweep's names: selection on validation, test beside it.
+        if eval_result.get("val_mean") is not None:
+            last_metrics["val/acc"] = eval_result["val_mean"]
+        last_metrics["test/acc"] = eval_result["mean"]
     return RunResult(out, status, s, last_metrics, eval_result, s, time.perf_counter() - t_start,
                      resumed_from=start if latest is not None else None, tuning=tuning)
 

@@ -33,7 +33,8 @@ Protocol (`EvalConfig`, defaults = the original's):
   So CPU defaults to one run at a time through a host loop over the jitted step
   (`default_runs_per_group`, `default_loop`; both overridable in `train_and_test`).
   Accuracy = argmax agreement on the full test split, in batches of `test_batch_size`;
-  mean and population std.
+  mean and population std. With a validation split (`Dataset.x_val`, `rcig.data.split`)
+  the same trained networks are also scored on it: `val` beside the test figures.
 - **Baseline**: `ipc` random real training images per class
   (`init_proto_indices(y_train, C, ipc, seed)`, i.e. with the distillation seed this is the
   very subset the distilled set started from) with shifted one-hot labels, same protocol.
@@ -202,6 +203,34 @@ def train_and_test(
     x_test: np.ndarray,
     y_test: np.ndarray,
     keys: jax.Array,
+    **kw: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train one fresh ReLU ConvNet per key on (x, y) (already flipped); test accuracies.
+
+    `train_and_score` with the one scored set (x_test, y_test); same keyword arguments.
+    Returns (accuracies (R,), final training losses (R,)).
+
+    Example:
+        >>> accs, losses = train_and_test(x, y, xt, yt, run_keys(0, 5), width=32, depth=None,
+        ...     steps=100, lr=1e-3, batch=None, ops=())  # doctest: +SKIP
+    """
+    accs, losses = train_and_score(x, y, {"test": (x_test, y_test)}, keys, **kw)
+    return accs["test"], losses
+
+
+def _padded(x_eval: np.ndarray, y_eval: np.ndarray, tb: int) -> tuple[np.ndarray, np.ndarray]:
+    """A scored set padded to a multiple of `tb` (label -1 never matches): one shape."""
+    pad = -x_eval.shape[0] % tb
+    xt = np.concatenate([np.asarray(x_eval, np.float32), np.zeros((pad, *x_eval.shape[1:]), np.float32)])
+    yt = np.concatenate([np.asarray(y_eval, np.int32), np.full((pad,), -1, np.int32)])
+    return xt, yt
+
+
+def train_and_score(
+    x: np.ndarray,
+    y: np.ndarray,
+    scored: dict[str, tuple[np.ndarray, np.ndarray]],
+    keys: jax.Array,
     *,
     width: int,
     depth: int | None,
@@ -213,19 +242,20 @@ def train_and_test(
     total_steps: int | None = None,
     runs_per_group: int | None | str = "auto",
     loop: str = "auto",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Train one fresh ReLU ConvNet per key on (x, y) (already flipped); test accuracies.
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Train one fresh ReLU ConvNet per key on (x, y) (already flipped) and score each
+    network on every set of `scored` (name -> (images, integer labels)).
 
     `batch` None = full batch. `total_steps` (default `steps`) may exceed the schedule
     length `steps`; extra steps run at the floor lr. Runs go `runs_per_group` at a time
     through the vmapped, jitted step (None = all at once, 1 = sequential, "auto" =
     `default_runs_per_group()`); `loop` is "scan" (one jitted lax.scan over all steps),
     "python" (a host loop over the jitted step) or "auto" (`default_loop()`).
-    Returns (accuracies (R,), final training losses (R,)).
+    Returns ({name: accuracies (R,)}, final training losses (R,)).
 
     Example:
-        >>> accs, losses = train_and_test(x, y, xt, yt, run_keys(0, 5), width=32, depth=None,
-        ...     steps=100, lr=1e-3, batch=None, ops=())  # doctest: +SKIP
+        >>> accs, _ = train_and_score(x, y, {"val": (xv, yv), "test": (xt, yt)}, run_keys(0, 5),
+        ...     width=32, depth=None, steps=100, lr=1e-3, batch=None, ops=())  # doctest: +SKIP
     """
     num_classes = y.shape[1]
     net = make_convnet(tuple(x.shape[1:]), num_classes, width=width, depth=depth, softplus_temp=0.0)
@@ -240,13 +270,13 @@ def train_and_test(
     group = len(keys) if not runs_per_group else int(runs_per_group)
     lr_j, steps_j = jnp.float32(lr), jnp.int32(steps)
     xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-    # Test batches, the last one padded (label -1 never matches) so one shape compiles once.
-    tb = int(min(test_batch, x_test.shape[0]))
-    n_test = x_test.shape[0]
-    pad = -n_test % tb
-    xt = np.concatenate([np.asarray(x_test, np.float32), np.zeros((pad, *x_test.shape[1:]), np.float32)])
-    yt = np.concatenate([np.asarray(y_test, np.int32), np.full((pad,), -1, np.int32)])
-    counts, losses = [], []
+    # Scored sets in batches, the last one padded so one shape compiles once per set.
+    sets = {}
+    for name, (x_eval, y_eval) in scored.items():
+        tb = int(min(test_batch, x_eval.shape[0]))
+        sets[name] = (*_padded(x_eval, y_eval, tb), tb, x_eval.shape[0])
+    counts: dict[str, list] = {name: [] for name in sets}
+    losses = []
     for g0 in range(0, len(keys), group):
         params, opt_state, k_train = _init_runs(keys[g0 : g0 + group], xj, net=net)
         loss = None
@@ -259,13 +289,15 @@ def train_and_test(
                 params, opt_state, loss = _run_steps(params, opt_state, k_train, xj, yj, jnp.int32(i),
                                                      lr_j, steps_j, net=net, batch=b, ops=tuple(ops),
                                                      n_steps=1)
-        c = sum(
-            np.asarray(_count_correct(params, jnp.asarray(xt[i : i + tb]), jnp.asarray(yt[i : i + tb]), net=net))
-            for i in range(0, len(xt), tb)
-        )
-        counts.append(np.asarray(c))
+        for name, (xt, yt, tb, _) in sets.items():
+            c = sum(
+                np.asarray(_count_correct(params, jnp.asarray(xt[i : i + tb]), jnp.asarray(yt[i : i + tb]), net=net))
+                for i in range(0, len(xt), tb)
+            )
+            counts[name].append(np.asarray(c))
         losses.append(np.asarray(loss) if loss is not None else np.full(len(keys[g0 : g0 + group]), np.nan))
-    return np.concatenate(counts) / n_test, np.concatenate(losses)
+    accs = {name: np.concatenate(counts[name]) / sets[name][3] for name in sets}
+    return accs, np.concatenate(losses)
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -297,14 +329,16 @@ def evaluate_set(
     seed: int = 0,
     depth: int | None = None,
     runs_per_group: int | None | str = "auto",
-    done: dict[int, float] | None = None,
-    on_run: Callable[[int, float], None] | None = None,
+    done: dict[int, dict[str, float]] | None = None,
+    on_run: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict:
     """Evaluate one labelled set with the §10 protocol; `dataset` is a Dataset or its name.
 
-    Returns {"accs": [...], "mean", "std" (population), "protocol", "steps", "runs"}.
-    `done` ({run index: accuracy}) holds runs already finished (they are not trained
-    again); `on_run(r, acc)` is called as each run finishes.
+    Returns {"accs": [...], "mean", "std" (population), "protocol", "steps", "runs",
+    "val"}: test accuracy, and "val" the same networks' {"accs", "mean", "std"} on the
+    dataset's validation split (None without one).
+    `done` ({run index: {"test": acc, "val": acc}}) holds runs already finished (they are
+    not trained again); `on_run(r, {"test": acc, "val": acc})` is called as each finishes.
 
     Example:
         >>> r = evaluate_set(x, y, "digits", use_flip=False, cfg=EvalConfig(steps=100), width=32)  # doctest: +SKIP
@@ -326,10 +360,13 @@ def evaluate_set(
         x, y = with_flips(x, y)
     ops = parse_ops(cfg.aug) if cfg.protocol == "rcig" else ()
     keys = run_keys(seed, cfg.runs)
-    accs: list[float | None] = [None] * cfg.runs
+    scored = {"test": (ds.x_test, ds.y_test)}
+    if getattr(ds, "x_val", None) is not None:
+        scored["val"] = (ds.x_val, ds.y_val)
+    accs: list[dict[str, float] | None] = [None] * cfg.runs
     for r, a in (done or {}).items():
-        if 0 <= int(r) < cfg.runs:
-            accs[int(r)] = float(a)
+        if 0 <= int(r) < cfg.runs and isinstance(a, dict) and set(scored) <= set(a):
+            accs[int(r)] = {k: float(a[k]) for k in scored}
     todo = [r for r in range(cfg.runs) if accs[r] is None]
     group = default_runs_per_group() if runs_per_group == "auto" else runs_per_group
     group = len(todo) if not group else int(group)
@@ -337,19 +374,23 @@ def evaluate_set(
     # groups are the ones `train_and_test` would form, so nothing changes when none are.
     for g0 in range(0, len(todo), max(group, 1)):
         chunk = todo[g0 : g0 + group]
-        got, _ = train_and_test(
-            x, y, ds.x_test, ds.y_test, keys[np.asarray(chunk)],
+        got, _ = train_and_score(
+            x, y, scored, keys[np.asarray(chunk)],
             width=width, depth=depth, steps=steps, lr=cfg.lr, batch=batch, ops=ops,
             test_batch=cfg.test_batch_size, runs_per_group=None,
         )
-        for r, a in zip(chunk, got):
-            accs[r] = float(a)
+        for i, r in enumerate(chunk):
+            accs[r] = {k: float(got[k][i]) for k in scored}
             if on_run is not None:
-                on_run(r, float(a))
+                on_run(r, dict(accs[r]))
+
+    def summary(which: str) -> dict:
+        a = [float(run[which]) for run in accs]
+        return {"accs": a, "mean": float(np.mean(a)), "std": float(np.std(a))}
+
     return {
-        "accs": [float(a) for a in accs],
-        "mean": float(np.mean(accs)),
-        "std": float(np.std(accs)),
+        **summary("test"),
+        "val": summary("val") if "val" in scored else None,
         "protocol": cfg.protocol,
         "steps": steps,
         "runs": cfg.runs,
@@ -381,8 +422,9 @@ def evaluate_distilled(
 ) -> dict:
     """Distilled set vs the random-real-subset baseline (if `cfg.baseline`): the eval.json dict.
 
-    Keys: mean, std, accs, baseline ({mean, std, accs} or None), protocol, dataset, ipc,
-    steps, runs, use_flip, width, wall_s.
+    Keys: mean, std, accs (test), val ({mean, std, accs} on the validation split, or None),
+    val_mean, baseline ({mean, std, accs, val, val_mean} or None), split (the validation
+    split's record), protocol, dataset, ipc, steps, runs, use_flip, width, wall_s.
 
     `partial_uri` (a JSON file): each finished run's accuracy is recorded there, and an
     evaluation of the same sets with the same protocol that was stopped resumes from it.
@@ -395,7 +437,8 @@ def evaluate_distilled(
     ds = _dataset(dataset)
     common = dict(use_flip=use_flip, cfg=cfg, width=width, seed=seed, depth=depth,
                   runs_per_group=runs_per_group)
-    partial = _Partial(partial_uri, x_NHWC, y_NC, common | {"ipc": int(ipc), "dataset": getattr(ds, "name", None)})
+    partial = _Partial(partial_uri, x_NHWC, y_NC, common | {"ipc": int(ipc), "dataset": getattr(ds, "name", None),
+                                                              "split": getattr(ds, "split", None)})
     res = evaluate_set(x_NHWC, y_NC, ds, **common, done=partial.done("distilled"),
                        on_run=partial.recorder("distilled"))
     base = None
@@ -403,11 +446,15 @@ def evaluate_distilled(
         xb, yb = baseline_set(ds, ipc, seed)
         b = evaluate_set(xb, yb, ds, **common, done=partial.done("baseline"),
                          on_run=partial.recorder("baseline"))
-        base = {"mean": b["mean"], "std": b["std"], "accs": b["accs"], "steps": b["steps"]}
+        base = {"mean": b["mean"], "std": b["std"], "accs": b["accs"], "steps": b["steps"],
+                "val": b["val"], "val_mean": (b["val"] or {}).get("mean")}
     return {
         "mean": res["mean"],
         "std": res["std"],
         "accs": res["accs"],
+        "val": res["val"],
+        "val_mean": (res["val"] or {}).get("mean"),
+        "split": getattr(ds, "split", None),
         "baseline": base,
         "protocol": cfg.protocol,
         "dataset": getattr(ds, "name", dataset if isinstance(dataset, str) else None),
@@ -443,21 +490,22 @@ class _Partial:
                 old = json.loads(storage.read_text(uri))
                 if isinstance(old, dict) and old.get("key") == self.key:
                     for which in ("distilled", "baseline"):
-                        self.doc[which] = {str(int(r)): float(a) for r, a in (old.get(which) or {}).items()}
+                        self.doc[which] = {str(int(r)): {k: float(v) for k, v in a.items()}
+                                           for r, a in (old.get(which) or {}).items() if isinstance(a, dict)}
         except (ValueError, TypeError, OSError, storage.StorageError):
             pass  # unreadable: evaluate from scratch
 
-    def done(self, which: str) -> dict[int, float]:
+    def done(self, which: str) -> dict[int, dict[str, float]]:
         return {int(r): a for r, a in self.doc[which].items()}
 
-    def recorder(self, which: str) -> Callable[[int, float], None] | None:
+    def recorder(self, which: str) -> Callable[[int, dict[str, float]], None] | None:
         if self.uri is None:
             return None
 
-        def record(r: int, acc: float) -> None:
+        def record(r: int, accs: dict[str, float]) -> None:
             from rcig import storage
 
-            self.doc[which][str(r)] = acc
+            self.doc[which][str(r)] = dict(accs)
             storage.write_text(self.uri, json.dumps(self.doc, sort_keys=True) + "\n")
 
         return record
@@ -493,7 +541,9 @@ def evaluate_source(
     if steps is not None:
         ev = replace(ev, steps=int(steps))
     ev = replace(ev, baseline=bool(baseline))
-    ds = _dataset(d.dataset, data_dir or cfg.data_dir)
+    from rcig.data import load_run_dataset
+
+    ds = load_run_dataset(replace(cfg, dataset=d.dataset, data_dir=data_dir or cfg.data_dir))
     try:
         res = evaluate_distilled(
             d.x_proto, d.y_proto, ds, use_flip=d.use_flip, cfg=ev,

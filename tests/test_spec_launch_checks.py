@@ -210,7 +210,7 @@ def test_build_search_constructs_what_the_spec_names():
                           + "scheduler: {type: asha, metric: outer/loss, grace_period: 5}\n")
     assert build_search(searched)[1]._max_t == 41  # past the longest trial's last step
     alg, sched, metric, mode, cap = build_search(parse_spec(GOOD))
-    assert sched is None and (metric, mode) == ("eval/mean", "max")
+    assert sched is None and (metric, mode) == ("val/acc", "max")
     assert set(SEARCHERS) >= {"random", "grid", "optuna"}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -12,6 +12,7 @@ from rcig.data.errors import DatasetError
 from rcig.data.idx import load_idx
 from rcig.data.npz import load_npz
 from rcig.data.preprocess import Preprocessor, cached_zca, channel_stats
+from rcig.data.split import DEFAULT_MAX_IMAGES, val_split
 from rcig.data.tiny_imagenet import load_tiny_imagenet
 
 DATASETS: tuple[str, ...] = (
@@ -50,6 +51,10 @@ class Dataset:
     image_shape: tuple[int, int, int]
     class_names: list[str] | None
     preprocessor: Preprocessor
+    # The validation split carved from train (`rcig.data.split`); x_train is then the rest.
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    split: dict | None = None  # its record (sizes, seed, hash), written to split.json
 
     def to_pixels(self, x: np.ndarray) -> np.ndarray:
         """Model space -> [0,1]-scale pixels (not clipped), e.g. to show distilled images."""
@@ -72,8 +77,32 @@ def _apply(fn, x_raw: np.ndarray) -> np.ndarray:
     return out
 
 
-def load_dataset(name: str, data_dir: str | None = None, cache_dir: str | None = None) -> Dataset:
+def with_val_split(ds: Dataset, fraction: float, max_images: int = DEFAULT_MAX_IMAGES,
+                   min_per_class: int = 1) -> Dataset:
+    """`ds` with its validation split carved out of train (`rcig.data.split.val_split`):
+    `x_val`/`y_val` hold it, `x_train`/`y_train` the rest, `split` its record. A fraction
+    of 0 gives `ds` with no validation split.
+
+    Example:
+        >>> ds = with_val_split(load_dataset("digits"), 0.1)
+        >>> len(ds.x_train), len(ds.x_val), ds.split["n_val"]
+        (1293, 144, 144)
+    """
+    sp = val_split(ds.y_train, ds.name, fraction, max_images, min_per_class)
+    if not len(sp.val_idx):
+        return replace(ds, split=sp.record(ds.name))
+    return replace(ds, x_train=ds.x_train[sp.train_idx], y_train=ds.y_train[sp.train_idx],
+                   x_val=ds.x_train[sp.val_idx], y_val=ds.y_train[sp.val_idx],
+                   split=sp.record(ds.name))
+
+
+def load_dataset(name: str, data_dir: str | None = None, cache_dir: str | None = None, *,
+                 val_fraction: float = 0.0, val_max_images: int = DEFAULT_MAX_IMAGES,
+                 min_per_class: int = 1) -> Dataset:
     """Load and preprocess a named dataset from a local path or gs:// URI (never downloads).
+
+    With `val_fraction` > 0 the validation split is carved from train (`with_val_split`;
+    what a distillation run uses, from its config's `val` section).
 
     ``data_dir`` holds the official files (ignored for ``digits``); ``cache_dir`` is the
     cache root for ZCA statistics (default ``$RCIG_CACHE_DIR`` or ``~/.cache/rcig-sweep``;
@@ -103,7 +132,7 @@ def load_dataset(name: str, data_dir: str | None = None, cache_dir: str | None =
         x_std = _apply(standardize_only.standardize, x_train)
         zca = cached_zca(name, x_std, cache_dir)
         preprocessor = Preprocessor(mean, std, zca)
-    return Dataset(
+    ds = Dataset(
         name=name,
         x_train=_apply(preprocessor.from_pixels, x_train),
         y_train=np.asarray(y_train, np.int32),
@@ -114,3 +143,14 @@ def load_dataset(name: str, data_dir: str | None = None, cache_dir: str | None =
         class_names=list(class_names) if class_names is not None else None,
         preprocessor=preprocessor,
     )
+    if val_fraction:
+        ds = with_val_split(ds, val_fraction, val_max_images, min_per_class)
+    return ds
+
+
+def load_run_dataset(cfg) -> Dataset:
+    """The dataset of a run's config (`rcig.config.DistillConfig`): its data, with the
+    validation split of its `val` section carved from train (every class keeps at least
+    `ipc` training images)."""
+    return with_val_split(load_dataset(cfg.dataset, cfg.data_dir), cfg.val.fraction,
+                          cfg.val.max_images, min_per_class=cfg.ipc)
