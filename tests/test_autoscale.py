@@ -1,0 +1,198 @@
+"""Sweeps on a real autoscaling Ray cluster on this machine (conftest.AutoscalingRay).
+
+The head has no CPUs; two worker node types start at zero nodes: `cpu_worker` (1 CPU)
+and `tpu_worker`, which advertises what a TPU v4-8 host does (`TPU: 4`,
+`TPU-v4-8-head`, `accelerator_type:TPU-V4`). The autoscaler (v2, as `ray up` and KubeRay
+run it in Ray 2.60) adds and removes real raylets on loopback. The cluster uses token
+authentication, so every connection here also covers `--address` of a token cluster.
+
+A TPU trial cannot run JAX on this machine (no libtpu): the accelerator type is covered by
+the preflight (accepted, and the autoscaler starts that type from zero, which then scales
+back down); full sweeps run on the CPU type.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import manifest as mf
+from orchestrator.sweep import SweepError, init_ray, launch
+from orchestrator.preflight import preflight
+from orchestrator.spec import load_spec
+
+from conftest import AutoscalingRay, raylet_node_ips
+from test_sweep import QUICKSTART, TEST_ENV, TINY
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parents[1]
+IDLE_S = 10
+TPU_TYPE = {"CPU": 1, "TPU": 4, "TPU-v4-8-head": 1, "accelerator_type:TPU-V4": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    os.environ.update(TEST_ENV)
+    c = AutoscalingRay({"cpu_worker": {"resources": {"CPU": 1}, "max_workers": 2},
+                        "tpu_worker": {"resources": dict(TPU_TYPE), "max_workers": 1}},
+                       idle_timeout_s=IDLE_S, max_workers=3).start()
+    try:
+        init_ray(address=c.address)  # as `rcig sweep launch --address` connects
+        yield c
+    finally:
+        ray.shutdown()
+        c.stop()
+
+
+def _until(pred, timeout: float, what: str, every: float = 0.25):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _types(c) -> list[str]:
+    return sorted(n["type"] for n in c.workers())
+
+
+@pytest.mark.parametrize("sets, why", [
+    (["resources.tpu=8", "resources.accelerator_type=TPU-V4"], "TPU': 8.0"),  # too many chips
+    (["resources.tpu=4", "resources.accelerator_type=TPU-V5LITEPOD"], "accelerator_type:TPU-V5LITEPOD"),
+    (["resources.cpu=4"], "{'CPU': 4.0}"),                                     # more CPUs than any type
+])
+def test_preflight_rejects_what_no_node_type_holds_before_any_trial(cluster, tmp_path, sets, why):
+    t0 = time.time()
+    with pytest.raises(SweepError) as e:
+        launch(QUICKSTART, storage_uri=str(tmp_path), address=cluster.address, shared_storage=True,
+               sets=TINY + ["search.space={}"] + sets)
+    msg = str(e.value)
+    assert "\n" not in msg and why in msg, msg
+    assert "its autoscaler reports that no node type it can add holds it" in msg, msg
+    assert "node types seen so far" in msg and "ray.head.default" in msg, msg
+    assert not (tmp_path / "quickstart").exists()  # nothing written, no trial started
+    assert time.time() - t0 < 30
+
+
+def test_preflight_accepts_an_accelerator_type_after_scale_up_from_zero(cluster):
+    _until(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
+    spec = load_spec(QUICKSTART, sets=["resources.tpu=4", "resources.accelerator_type=TPU-V4"])
+    t0 = time.time()
+    notes = preflight(spec, cluster.address)  # no live node holds it: the autoscaler decides
+    assert any("tpu_worker" in n for n in notes), notes
+    _until(lambda: "tpu_worker" in _types(cluster), 60, "a tpu_worker node")
+    up = time.time() - t0
+    tpu = next(n for n in cluster.workers() if n["type"] == "tpu_worker")
+    assert tpu["resources"]["TPU"] == 4 and tpu["resources"]["accelerator_type:TPU-V4"] == 1
+    assert set(raylet_node_ips((str(cluster.dir),)).values()) == {"127.0.0.1"}
+    assert len(raylet_node_ips((str(cluster.dir),))) == 2  # head + the new node, both on loopback
+    _until(lambda: not cluster.workers(), IDLE_S + 60, "the idle tpu_worker to be removed")
+    print(f"tpu_worker from zero: up {up:.1f} s after preflight; removed {time.time() - t0 - up:.1f} s later")
+
+
+def test_cpu_sweep_scales_from_zero_keeps_max_concurrent_and_scales_down(cluster, tmp_path):
+    _until(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
+    sweep = tmp_path / "asweep"
+    seen: dict[str, str] = {}      # node id -> node type, while the sweep runs
+    busy: list[int] = []           # trials running at once, sampled
+    first_step: dict = {}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                for n in cluster.workers():
+                    seen[n["id"]] = n["type"]
+                recs = mf.read_records(str(sweep))
+                busy.append(sum(1 for r in recs if r.history and r.history[-1].get("outcome") is None))
+                if "t" not in first_step and any(r.step is not None for r in recs):
+                    first_step["t"] = time.time()
+            except Exception:  # noqa: BLE001 - the folder appears during the run
+                pass
+            time.sleep(0.2)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    t0 = time.time()
+    try:
+        out = launch(QUICKSTART, storage_uri=str(tmp_path), name="asweep", address=cluster.address,
+                     shared_storage=True, sets=TINY + ["max_concurrent=1", "search.space.seed={grid: [0, 1, 2]}"])
+    finally:
+        done.set()
+        th.join(timeout=5)
+    wall = time.time() - t0
+    assert out.counts == {mf.COMPLETED: 3}, out
+    recs = mf.read_records(out.sweep_uri)
+    nodes = {h["node_id"] for r in recs for h in r.history}
+    assert nodes and all(seen.get(n) == "cpu_worker" for n in nodes), (nodes, seen)
+    assert max(busy) == 1, "max_concurrent=1 was exceeded"
+    spans = sorted((h["started"], h["ended"]) for r in recs for h in r.history)
+    assert all(a[1] <= b[0] + 0.5 for a, b in zip(spans, spans[1:])), spans  # one at a time
+    assert all(r.attempts == 1 and r.failures == 0 for r in recs)
+    t_down = time.time()
+    _until(lambda: not cluster.workers(), IDLE_S + 60, "the cluster to scale back to zero workers")
+    print(f"cpu sweep (3 trials, max_concurrent=1) from zero workers: first trial step "
+          f"{first_step['t'] - t0:.1f} s after launch, sweep {wall:.1f} s, back to zero workers "
+          f"{time.time() - t_down:.1f} s after it ended")
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _errors(r: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+
+
+@pytest.mark.parametrize("case", ["wrong", "missing", "mode unset"])
+def test_token_problems_are_one_line_saying_where_the_token_is_read(cluster, tmp_path, case):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["RAY_AUTH_MODE"] = "token"
+    if case == "wrong":
+        env["RAY_AUTH_TOKEN"] = "not-the-cluster-token"
+    elif case == "missing":
+        env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token there
+    else:
+        env.pop("RAY_AUTH_MODE")
+    t0 = time.time()
+    r = _cli(["sweep", "launch", QUICKSTART, "--address", cluster.address, "--storage", str(tmp_path),
+              "--shared-storage", "--set", "steps=10"], env)
+    assert r.returncode != 0
+    err = _errors(r)
+    assert len(err) == 1, r.stderr[-3000:]
+    assert "RAY_AUTH_TOKEN" in err[0] and "~/.ray/auth_token" in err[0], err[0]
+    assert {"wrong": "rejected the one from $RAY_AUTH_TOKEN", "missing": "none was found",
+            "mode unset": "set RAY_AUTH_MODE=token"}[case] in err[0], err[0]
+    assert time.time() - t0 < 60
+
+
+def test_preflight_through_ray_client(cluster, tmp_path):
+    """`--address ray://...`: the cluster is read on the cluster (a zero-CPU task)."""
+    script = (
+        "import sys\n"
+        "from orchestrator.sweep import SweepError, init_ray, preflight\n"
+        "from orchestrator.spec import load_spec\n"
+        f"init_ray({cluster.client_address!r})\n"
+        f"ok = preflight(load_spec({QUICKSTART!r}, sets=['resources.cpu=1']), 'client')\n"
+        "print('ACCEPTED', ok)\n"
+        "try:\n"
+        f"    preflight(load_spec({QUICKSTART!r}, sets=['resources.tpu=8']), 'client')\n"
+        "except SweepError as e:\n"
+        "    print('REJECTED', e)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "token"},
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ACCEPTED" in r.stdout and "REJECTED" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "its autoscaler reports that no node type it can add holds it" in r.stdout
