@@ -380,16 +380,18 @@ def best_cmd(
     if as_json:
         typer.echo(_json.dumps(rows, indent=1, default=str))
         return
-    typer.echo(f"{'#':>2} {'trial':46} {rows[0]['metric']:>12} {'val':>12} {'test±std':>15} "
-               f"{'random val/test':>15} {'state':10} {'acc-h':>7} {'cost':>8}")
+    typer.echo(f"{'#':>2} {'trial':46} {rows[0]['metric']:>12} {'val':>9} {'test±std':>13} "
+               f"{'random val/test±std':>20} {'state':10} {'acc-h':>7} {'cost':>8}")
     for r in rows:
-        val = (f"{_fmt(r['val_mean'])}" + (" (probe)" if r.get("val_source") == "probe" else "")
+        val = (_fmt(r["val_mean"]) + ("(p)" if r.get("val_source") == "probe" else "")
                if r.get("val_mean") is not None else "-")
         ev = f"{_fmt(r['eval_mean'])}±{_fmt(r['eval_std'], '.3f')}" if r["eval_mean"] is not None else "-"
-        rnd = (f"{_fmt(r.get('baseline_val_mean'))}/{_fmt(r['baseline_mean'])}"
+        rnd = (f"{_fmt(r.get('baseline_val_mean'))}/{_fmt(r['baseline_mean'])}±{_fmt(r['baseline_std'], '.3f')}"
                if r.get("baseline_mean") is not None else "-")
-        typer.echo(f"{r['rank']:>2} {r['key'][:46]:46} {r['value']:>12.4f} {val:>12} {ev:>15} {rnd:>15} "
+        typer.echo(f"{r['rank']:>2} {r['key'][:46]:46} {r['value']:>12.4f} {val:>9} {ev:>13} {rnd:>20} "
                    f"{r['status']:10} {r['accelerator_hours']:>7.3f} {_fmt(r['cost'], '.2f'):>8}")
+    if any(r.get("val_source") == "probe" for r in rows):
+        typer.echo("(p): the last intermediate validation estimate of a trial stopped early")
     typer.echo(f"next: rcig fetch {sweep} --to best/   |   rcig report {sweep}")
 
 

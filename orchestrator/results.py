@@ -124,11 +124,14 @@ def best(name_or_uri: str, metric: str | None = None, top: int = 5,
     doc = mf.read_manifest(uri)
     spec = doc["spec"]
     default = selection_metric(spec.get("metric"))
+    recs = mf.read_records(uri, [])
+    if metric is None and default == SELECT_METRIC and spec.get("metric") in TEST_METRICS and not any(
+            metric_value(r, SELECT_METRIC) is not None for r in recs):
+        default = spec["metric"]  # a sweep from before validation splits: its own metric
     metric = metric or default
     mode = mode or (spec.get("mode", "max") if metric == default else
                     ("min" if "loss" in metric else "max"))
     price, _ = _price(doc)
-    recs = mf.read_records(uri, [])
     scored = [(metric_value(r, metric), r) for r in recs]
     scored = [(v, r) for v, r in scored if v is not None]
     if not scored:

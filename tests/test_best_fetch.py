@@ -72,11 +72,11 @@ def test_best_table_has_a_random_column(tmp_path):
     res = CliRunner().invoke(cli.app, ["best", sweep])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
-    assert "random±std" in lines[0]
+    assert "random val/test±std" in lines[0]
     by_key = {k: next(ln for ln in lines if k[:46] in ln) for k in keys}
     assert "0.5700±0.020" in by_key[keys[1]] and "0.6100±0.020" in by_key[keys[0]]
     assert "0.8600±0.010" in by_key[keys[1]]
-    assert by_key[keys[2]].split()[4] == "-"  # no baseline: a dash, columns stay aligned
+    assert by_key[keys[2]].split()[5] == "-"  # no baseline: a dash, columns stay aligned
 
 
 # ---- fetch: the newest committed step, never a half-written one -------------------------
