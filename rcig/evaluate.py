@@ -468,7 +468,10 @@ def evaluate_distilled(
 
 
 class _Partial:
-    """Finished evaluation runs kept in a JSON file, valid only for the same sets and protocol."""
+    """Finished evaluation runs kept in a JSON file, valid only for the same sets and protocol.
+
+    Layout: {"key", "distilled": {run: test acc}, "baseline": {...}, "val": {"distilled":
+    {run: val acc}, "baseline": {...}}} (validation only with a validation split)."""
 
     def __init__(self, uri: str | None, x: np.ndarray, y: np.ndarray, setup: dict):
         self.uri = uri
@@ -480,7 +483,7 @@ class _Partial:
         cfg = setup.pop("cfg")
         setup = {**setup, "eval": dataclasses.asdict(cfg), "set_sha256": h.hexdigest()}
         self.key = json.loads(json.dumps(setup, sort_keys=True, default=str))
-        self.doc = {"key": self.key, "distilled": {}, "baseline": {}}
+        self.doc = {"key": self.key, "distilled": {}, "baseline": {}, "val": {"distilled": {}, "baseline": {}}}
         if uri is None:
             return
         from rcig import storage
@@ -490,13 +493,16 @@ class _Partial:
                 old = json.loads(storage.read_text(uri))
                 if isinstance(old, dict) and old.get("key") == self.key:
                     for which in ("distilled", "baseline"):
-                        self.doc[which] = {str(int(r)): {k: float(v) for k, v in a.items()}
-                                           for r, a in (old.get(which) or {}).items() if isinstance(a, dict)}
-        except (ValueError, TypeError, OSError, storage.StorageError):
+                        self.doc[which] = {str(int(r)): float(a) for r, a in (old.get(which) or {}).items()}
+                        self.doc["val"][which] = {str(int(r)): float(a) for r, a in
+                                                  ((old.get("val") or {}).get(which) or {}).items()}
+        except (ValueError, TypeError, OSError, AttributeError, storage.StorageError):
             pass  # unreadable: evaluate from scratch
 
     def done(self, which: str) -> dict[int, dict[str, float]]:
-        return {int(r): a for r, a in self.doc[which].items()}
+        val = self.doc["val"][which]
+        return {int(r): {"test": a, **({"val": val[r]} if r in val else {})}
+                for r, a in self.doc[which].items()}
 
     def recorder(self, which: str) -> Callable[[int, dict[str, float]], None] | None:
         if self.uri is None:
@@ -505,7 +511,9 @@ class _Partial:
         def record(r: int, accs: dict[str, float]) -> None:
             from rcig import storage
 
-            self.doc[which][str(r)] = dict(accs)
+            self.doc[which][str(r)] = accs["test"]
+            if "val" in accs:
+                self.doc["val"][which][str(r)] = accs["val"]
             storage.write_text(self.uri, json.dumps(self.doc, sort_keys=True) + "\n")
 
         return record

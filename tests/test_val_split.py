@@ -134,3 +134,22 @@ def test_run_folder_records_split_and_reports_val_metric_at_every_report(tmp_pat
     assert res.final_metrics["test/acc"] == ev["mean"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val/acc" in r] == [5, 10, 20]
+
+
+def test_stopped_eval_keeps_finished_runs_with_their_validation_scores(digits, tmp_path):
+    """eval.partial.json: finished runs (test and validation) are reused, not retrained."""
+    ds = with_val_split(digits, 0.1)
+    idx = np.concatenate([np.flatnonzero(ds.y_train == c)[:1] for c in range(10)])
+    x, y = ds.x_train[idx], shifted_one_hot(ds.y_train[idx], 10)
+    cfg = EvalConfig(runs=2, steps=20, lr=1e-3, protocol="noaug", baseline=False)
+    partial = str(tmp_path / "eval.partial.json")
+    full = evaluate_distilled(x, y, ds, use_flip=False, cfg=cfg, width=8, ipc=1, partial_uri=partial)
+    doc = json.loads((tmp_path / "eval.partial.json").read_text())
+    assert doc["distilled"] == {"0": full["accs"][0], "1": full["accs"][1]}
+    assert doc["val"]["distilled"] == {"0": full["val"]["accs"][0], "1": full["val"]["accs"][1]}
+    # Planted numbers for run 0 are taken as finished: proof that run 0 is not retrained.
+    doc["distilled"]["0"], doc["val"]["distilled"]["0"] = 0.5, 0.25
+    (tmp_path / "eval.partial.json").write_text(json.dumps(doc))
+    again = evaluate_distilled(x, y, ds, use_flip=False, cfg=cfg, width=8, ipc=1, partial_uri=partial)
+    assert again["accs"] == [0.5, full["accs"][1]]
+    assert again["val"]["accs"] == [0.25, full["val"]["accs"][1]]
