@@ -375,6 +375,16 @@ class AutoscalingRay:
         self.stop()
         raise RuntimeError("the autoscaling cluster's head did not come up")
 
+    def set_max_workers(self, node_type: str, n: int) -> None:
+        """Change a node type's `max_workers` in the live config: the autoscaler re-reads
+        it every round; fewer than are running makes it terminate nodes through the provider."""
+        import json
+
+        self.worker_types[node_type]["max_workers"] = n
+        tmp = self.dir / "autoscaling.yaml.tmp"
+        tmp.write_text(json.dumps(self.config()))
+        tmp.replace(self.dir / "autoscaling.yaml")
+
     def status(self):
         from ray._raylet import GcsClient
         from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply

@@ -196,3 +196,67 @@ def test_preflight_through_ray_client(cluster, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ACCEPTED" in r.stdout and "REJECTED" in r.stdout, r.stdout + r.stderr[-2000:]
     assert "its autoscaler reports that no node type it can add holds it" in r.stdout
+
+
+def test_node_terminated_by_the_provider_mid_trial_resumes_on_a_new_node(cluster, tmp_path):
+    """The autoscaler itself ends the node under a running trial (its type's max_workers
+    drops to 0: the provider terminates it, as a cloud would a preempted VM); when the type
+    may run again, a new node comes up and the trial resumes there from its checkpoint,
+    ending equal to an uninterrupted run."""
+    import numpy as np
+
+    _until(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
+    sets = TINY + ["steps=40", "checkpoint.every_steps=5", "search.space={}"]
+    sweep = str(tmp_path / "lossy")
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.update(out=launch(
+        QUICKSTART, storage_uri=str(tmp_path), name="lossy", address=cluster.address,
+        shared_storage=True, sets=sets)))
+    th.start()
+    try:
+        def checkpointed():
+            recs = mf.read_records(sweep)
+            r = recs[0] if recs else None
+            return r if r and (r.checkpoint_step or 0) >= 5 and r.history and r.history[-1].get("node_id") else None
+
+        rec = _until(checkpointed, 300, "the first checkpoint")
+        victim = rec.history[-1]["node_id"]
+        assert victim in {n["id"] for n in cluster.workers()}
+        t_term = time.time()
+        cluster.set_max_workers("cpu_worker", 0)
+        _until(lambda: victim not in {n["id"] for n in cluster.workers()}, 60, "the provider to end the node")
+        t_gone = time.time()
+        cluster.set_max_workers("cpu_worker", 2)
+
+        def resumed():
+            recs = mf.read_records(sweep)
+            r = recs[0] if recs else None
+            if r and r.attempts >= 2 and r.step is not None and r.history[-1].get("start_step") is not None \
+                    and r.step > r.history[-1]["start_step"]:
+                return time.time()
+            return None
+
+        t_step = _until(resumed, 300, "the trial's next step on a new node")
+    finally:
+        cluster.set_max_workers("cpu_worker", 2)
+        th.join(timeout=600)
+    assert not th.is_alive() and box["out"].counts == {mf.COMPLETED: 1}, box
+    rec = mf.read_records(sweep)[0]
+    first, last = rec.history[0], rec.history[-1]
+    assert rec.attempts == 2 and rec.failures == 0, rec.history
+    assert last["outcome"] == "completed" and last["node_id"] != first["node_id"]
+    assert last["start_step"] >= 5  # resumed from a checkpoint, not from scratch
+    print(f"provider termination: node gone {t_gone - t_term:.1f} s after the autoscaler was told, "
+          f"trial's next step {t_step - t_term:.1f} s after (new node from zero included)")
+
+    ref = launch(QUICKSTART, storage_uri=str(tmp_path), name="steady", address=cluster.address,
+                 shared_storage=True, sets=sets)
+    assert ref.counts == {mf.COMPLETED: 1}
+    a = np.load(Path(sweep) / "trials" / rec.key / "distilled.npz")
+    b = np.load(tmp_path / "steady" / "trials" / rec.key / "distilled.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        if a[name].dtype.kind in "fc":
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
