@@ -309,8 +309,31 @@ def ray_command(action: str, path: str | Path, *, yes: bool = False) -> list[str
     raise ValueError(f"unknown cluster action {action!r}")
 
 
+CLIENT_ADDRESS = "ray://127.0.0.1:10001"  # the head's Ray Client port, through `ray attach -p 10001`
+
+
+def sweep_root(config: Mapping[str, Any]) -> str:
+    """The bucket folder a launcher config wires in for sweeps (`RCIG_SWEEP_ROOT`, set on
+    the head by `head_setup_commands`), else a `gs://BUCKET/sweeps` placeholder.
+
+    Example:
+        >>> sweep_root({"head_setup_commands": ["sed -i '1i export RCIG_SWEEP_ROOT=gs://p-sweeps/sweeps' ~/.bashrc"]})
+        'gs://p-sweeps/sweeps'
+        >>> sweep_root({})
+        'gs://BUCKET/sweeps'
+    """
+    import re
+
+    for cmd in config.get("head_setup_commands") or []:
+        m = re.search(r"RCIG_SWEEP_ROOT=(gs://[^\s'\"]+)", str(cmd))
+        if m:
+            return m.group(1)
+    return "gs://BUCKET/sweeps"
+
+
 def next_steps(path: str | Path, config: Mapping[str, Any]) -> str:
-    """What to run after `ray up` succeeded (printed by `rcig cluster up`)."""
+    """What to run after `ray up` succeeded (printed by `rcig cluster up`): the address to
+    launch against and the exact launch line, with the config's bucket."""
     spec = "sweeps/<spec>.yaml"
     try:
         fits = [
@@ -323,11 +346,14 @@ def next_steps(path: str | Path, config: Mapping[str, Any]) -> str:
             spec = str(pick.relative_to(REPO_ROOT)) if pick.is_relative_to(REPO_ROOT) else str(pick)
     except ClusterConfigError:
         pass
+    root = sweep_root(config)
     return "\n".join(
         [
+            f"Ray address: {CLIENT_ADDRESS} (the head's Ray Client port, through the SSH tunnel below)",
+            f"Sweep storage: {root}",
             "Next steps:",
             f"  ray attach {path} -p 10001        # keep open: tunnels the Ray Client port over SSH",
-            f"  rcig sweep launch {spec} --address ray://127.0.0.1:10001 --storage gs://BUCKET/sweeps",
+            f"  rcig sweep launch {spec} --address {CLIENT_ADDRESS} --storage {root}",
             "  rcig sweep status NAME_OR_URI  |  rcig best NAME_OR_URI  |  rcig fetch NAME_OR_URI --to DIR",
             f"  ray dashboard {path}             # Ray dashboard on http://127.0.0.1:8265",
             f"  rcig cluster down {path}         # when done (spot workers also scale to zero when idle)",

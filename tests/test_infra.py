@@ -257,6 +257,50 @@ def test_manifests_reference_no_key_files_or_secrets():
             assert banned not in text, f"{path.name} mentions {banned}"
 
 
+def test_kuberay_runs_autoscaler_v2_from_zero_and_never_reuses_pods():
+    """What the sweep preflight relies on: autoscaler v2 (it reports infeasible requests),
+    every worker group at zero, pods not restarted in place (a new pod is a new Ray node)."""
+    rc = _one("RayCluster")
+    assert rc["spec"]["enableInTreeAutoscaling"] is True
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in head["containers"][0].get("env", [])}
+    assert env.get("RAY_enable_autoscaler_v2") == "1"
+    pods = [head] + [g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"]]
+    assert all(p.get("restartPolicy") == "Never" for p in pods)
+    assert all(g["replicas"] == g["minReplicas"] == 0 for g in rc["spec"]["workerGroupSpecs"])
+    assert rc["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+
+
+@pytest.mark.parametrize("kind", sorted(LAUNCHERS))
+def test_launcher_workers_scale_from_zero_on_spot_and_reach_the_bucket(kind):
+    config = yaml.safe_load(LAUNCHERS[kind].read_text())
+    assert 0 < config["idle_timeout_minutes"] <= 30
+    head = config["head_node_type"]
+    for name, node_type in config["available_node_types"].items():
+        if name == head:
+            assert node_type["resources"].get("CPU") == 0  # trials never land on the head
+            continue
+        node = node_type["node_config"]
+        assert node_type.get("min_workers", 0) == 0, name
+        spot = (node.get("scheduling") or {}).get("provisioningModel") == "SPOT" \
+            or (node.get("schedulingConfig") or {}).get("preemptible") is True
+        assert spot, f"{name}: not Spot/preemptible"
+        accounts = node.get("serviceAccounts") or [node.get("serviceAccount")]
+        scopes = [sc for a in accounts for sc in (a.get("scopes") or a.get("scope") or [])]
+        assert "https://www.googleapis.com/auth/cloud-platform" in scopes, name
+        assert all(a["email"].startswith("rcig-sweep@") for a in accounts), name
+    assert cluster.sweep_root(config) == "gs://YOUR_PROJECT_ID-sweeps/sweeps"
+
+
+def test_cluster_up_prints_the_address_and_the_exact_launch_line(tmp_path):
+    ready = yaml.safe_load(_ready_copy(LAUNCHERS["gpu"], tmp_path).read_text())
+    text = cluster.next_steps("infra/gcp-gpu.yaml", ready)
+    assert "Ray address: ray://127.0.0.1:10001" in text
+    line = next(ln.strip() for ln in text.splitlines() if "rcig sweep launch" in ln)
+    assert re.fullmatch(r"rcig sweep launch sweeps/\S+\.yaml --address ray://127\.0\.0\.1:10001 "
+                        r"--storage gs://rcig-test-project-sweeps/sweeps", line), line
+
+
 # ---- rcig cluster -------------------------------------------------------------------------
 
 
