@@ -4,14 +4,21 @@ Writes to `out_uri` (local path, file:// or gs://):
     config.json      the resolved config
     metrics.jsonl    one JSON object per outer step: {"step": s, "outer/loss": ..., ...}
     checkpoints/     Orbax checkpoints of the whole state (rcig.checkpoint)
-    tuning.json      the LR search result (also inside the state)
+    tuning.json      the LR search result (also inside the state) and the run identity
     split.json       the validation split held out of train (rcig.data.split)
     distilled.npz, distilled.png, eval.json   at the end
+    eval.partial.json  finished evaluation runs while the evaluation is in progress
 
 Init order (resume by rerunning the same command):
-    1. this run folder's own latest committed checkpoint (its config must match), else
-    2. a fresh state: real images per class, LR search (§8.2), checkpoint at step 0,
-       so a restart never re-tunes.
+    1. this run folder's own latest committed checkpoint (the same run by
+       `rcig.config.run_differences`; `steps` may change), else
+    2. a fresh state: real images per class, the LR search (§8.2) or, when this run's
+       tuning.json is there, its result, then a checkpoint at step 0; a restart never
+       re-tunes. A folder without checkpoints that holds another run's files is refused
+       (`--restart` moves them aside).
+A run whose final checkpoint is committed goes straight to the evaluation, which keeps
+its finished runs. Stop requests: see `rcig.preemption.StopControl` (every phase is
+either abortable or stops cooperatively within a deadline; exit `EXIT_PREEMPTED`).
 """
 
 from __future__ import annotations
@@ -194,9 +201,9 @@ def run_distillation(
                 tuning["identity"] = run_identity(cfg)
                 with phase("commit"):  # a rerun stopped before checkpoint 0 does not tune again
                     export.write_json(storage.join(out, TUNING_JSON), tuning)
-                capped = f"; stopped at the probe cap for {', '.join(tuning['capped'])}" if tuning["capped"] else ""
-                say(f"LR search: inner {tuning['inner']:.3g}, H-solve {tuning['hvp']:.3g} ({tuning['probes']} probes, "
-                    f"{tuning['seconds']:.1f} s{capped})")
+                capped = f"; stopped at the probe cap for {', '.join(tuning['capped'])}" if tuning.get("capped") else ""
+                say(f"LR search: inner {tuning['inner']:.3g}, H-solve {tuning['hvp']:.3g} ({tuning.get('probes')} probes, "
+                    f"{tuning.get('seconds', 0.0):.1f} s{capped})")
             inner_lr, hvp_lr = tuning["inner"], tuning["hvp"]
         with phase("init", abortable=True):
             state = engine.init_state(x0, y0, key, inner_lr, hvp_lr)

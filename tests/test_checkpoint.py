@@ -375,3 +375,28 @@ def test_gce_watcher_polls_injected_metadata_server(tmp_path):
     finally:
         server.shutdown()
         _Metadata.preempted, _Metadata.seen = "FALSE", []
+
+
+# ---- storage faults on the command line: one error line, no traceback ----------------------
+@pytest.mark.gcs
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [
+    ["distill", "--out", "gs://unreachable-bucket/run", "--steps", "2", "--no-eval", "--set", "model.width=8"],
+    ["eval", "gs://unreachable-bucket/run"],
+], ids=["distill", "eval"])
+def test_cli_with_unreachable_storage_prints_one_line_and_no_traceback(argv):
+    import shutil
+    from pathlib import Path
+
+    import conftest
+
+    closed = f"http://127.0.0.1:{conftest.CLOSED_PORT}"  # nothing listens there
+    env = {**conftest.loopback_env(), "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+           "STORAGE_EMULATOR_HOST": closed, "TENSORSTORE_GCS_HTTP_URL": closed}
+    exe = Path(sys.executable).parent / "rcig"
+    exe = str(exe) if exe.exists() else (shutil.which("rcig") or "rcig")
+    proc = subprocess.run([exe, *argv], env=env, cwd=conftest.ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode not in (0, EXIT_PREEMPTED), proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unreachable-bucket" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and 'File "' not in proc.stderr, proc.stderr[-3000:]

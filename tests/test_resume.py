@@ -175,3 +175,63 @@ def test_restart_moves_old_checkpoints_aside_and_only_force_deletes(tmp_path, ru
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert CheckpointStore(str(out)).latest_step() == 6
     assert len([p for p in out.iterdir() if p.name.startswith("checkpoints.old-")]) == 1  # --force deletes only the live folder
+
+
+def _other_run_folder(out: Path, **over) -> dict[str, bytes]:
+    """A run folder holding another run's results (config.json, distilled.npz, eval.json),
+    without checkpoints; returns its files' bytes."""
+    from rcig.config import make_config
+
+    out.mkdir(parents=True)
+    other = make_config("digits", 1, overrides={"steps": N_STEPS, "model.width": 16, **over})
+    (out / "config.json").write_text(other.to_json() + "\n")
+    np.savez(out / "distilled.npz", x_proto=np.zeros((10, 8, 8, 1), np.float32), config_json=np.asarray(other.to_json()))
+    (out / "eval.json").write_text('{"mean": 0.5}\n')
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_folder_holding_another_run_is_refused_naming_the_field(tmp_path, run_env):
+    out = tmp_path / "run"
+    before = _other_run_folder(out)
+    proc = subprocess.run(command(out), env=run_env, cwd=conftest.ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode not in (0, 75), proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.width (saved 16, now 8)" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+    # only distilled.npz (its config inside) says which run the folder holds
+    (out / "config.json").unlink()
+    proc = subprocess.run(command(out), env=run_env, cwd=conftest.ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode not in (0, 75) and "model.width (saved 16, now 8)" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "config.json").exists()
+
+
+def test_run_folder_check_uses_run_identity(tmp_path):
+    from rcig.config import apply_overrides, make_config
+    from rcig.distill import RunFolderError, check_run_folder
+
+    out = tmp_path / "run"
+    _other_run_folder(out, **{"model.width": 8})
+    cfg = make_config("digits", 1, overrides={"steps": N_STEPS, "model.width": 8})
+    check_run_folder(str(out), apply_overrides(cfg, ["eval.runs=2", "checkpoint.keep=1", "data_dir=/x"]))
+    with pytest.raises(RunFolderError, match=r"steps \(saved 60, now 61\)"):
+        check_run_folder(str(out), apply_overrides(cfg, ["steps=61"]))  # results there: same steps only
+    for name in ("distilled.npz", "eval.json"):
+        (out / name).unlink()
+    check_run_folder(str(out), apply_overrides(cfg, ["steps=61"]))  # stopped before any result
+    with pytest.raises(RunFolderError, match=r"seed \(saved 0, now 1\)"):
+        check_run_folder(str(out), apply_overrides(cfg, ["seed=1"]))
+
+
+def test_restart_moves_another_runs_files_aside(tmp_path, run_env):
+    out = tmp_path / "run"
+    before = _other_run_folder(out)
+    cmd = [c if c != str(N_STEPS) else "6" for c in command(out)] + ["--restart"]
+    proc = subprocess.run(cmd, env=run_env, cwd=conftest.ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    aside = [p for p in out.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1, sorted(p.name for p in out.iterdir())
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == before
+    assert json.loads((out / "config.json").read_text())["model"]["width"] == 8
+    assert CheckpointStore(str(out)).latest_step() == 6
