@@ -122,7 +122,7 @@ def distill_cmd(
     except Exception as e:  # user-facing: one line, no traceback
         if os.environ.get("RCIG_DEBUG"):
             raise
-        _fail(f"{type(e).__name__}: {e}")
+        _fail(f"{type(e).__name__}: {' '.join(str(e).split())}")
     if res.status == "preempted":
         typer.echo(f"stopped by signal at step {res.step}; checkpoint committed at step {res.checkpoint_step}. "
                    f"Rerun the same command to resume.", err=True)
@@ -182,6 +182,12 @@ def eval_cmd(
         if os.environ.get("RCIG_DEBUG"):
             raise
         _fail(" ".join(str(e).split()))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as e:  # anything else: still one line (the traceback with RCIG_DEBUG=1)
+        if os.environ.get("RCIG_DEBUG"):
+            raise
+        _fail(f"{type(e).__name__}: {' '.join(str(e).split())}")
     if as_json:
         typer.echo(_json.dumps(res, indent=2))
         return
