@@ -153,3 +153,12 @@ def test_stopped_eval_keeps_finished_runs_with_their_validation_scores(digits, t
     again = evaluate_distilled(x, y, ds, use_flip=False, cfg=cfg, width=8, ipc=1, partial_uri=partial)
     assert again["accs"] == [0.5, full["accs"][1]]
     assert again["val"]["accs"] == [0.25, full["val"]["accs"][1]]
+
+
+def test_split_is_part_of_a_runs_identity_and_the_probe_is_not():
+    from rcig.config import apply_overrides, identity_hash
+
+    cfg = make_config("digits", 1)
+    assert identity_hash(cfg) != identity_hash(apply_overrides(cfg, ["val.fraction=0.2"]))
+    assert identity_hash(cfg) != identity_hash(apply_overrides(cfg, ["val.max_images=50"]))
+    assert identity_hash(cfg) == identity_hash(apply_overrides(cfg, ["eval.every_steps=25", "eval.probe_lr=0.1"]))
