@@ -250,7 +250,9 @@ def test_node_terminated_by_the_provider_mid_trial_resumes_on_a_new_node(cluster
     assert not th.is_alive() and box["out"].counts == {mf.COMPLETED: 1}, box
     rec = mf.read_records(sweep)[0]
     first, last = rec.history[0], rec.history[-1]
-    assert rec.attempts == 2 and rec.failures == 0, rec.history
+    # Usually 2 attempts; the autoscaler may also end a replacement node it had just started
+    # while it re-read the config, which is one more node loss, never a failure.
+    assert rec.attempts >= 2 and rec.failures == 0, rec.history
     assert last["outcome"] == "completed" and last["node_id"] != first["node_id"]
     assert last["start_step"] >= 5  # resumed from a checkpoint, not from scratch
     print(f"provider termination: node gone {t_gone - t_term:.1f} s after the autoscaler was told, "
