@@ -239,13 +239,30 @@ def suite_pids(roots: tuple[str, ...] = (), table=None, *, mine: bool = True,
     return seen
 
 
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
 def raylet_node_ips(roots: tuple[str, ...] = ()) -> dict[int, str]:
-    """pid -> `--node_ip_address` of each raylet the suite started (see `suite_pids`)."""
-    table = _proc_table()
+    """pid -> `--node_ip_address` of each raylet the suite started: descendants of this
+    process, or naming one of `roots` (see `suite_pids`). Only raylets are looked at
+    closely, so this stays cheap enough to run after every test."""
     out = {}
-    for pid in suite_pids(roots, table):
-        argv = table.get(pid, (0, []))[1]
-        if argv and os.path.basename(argv[0]) == "raylet":
+    me = os.getpid()
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if (d / "comm").read_text().strip() != "raylet":
+                continue
+            argv = [a for a in (d / "cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+            pid, ours = int(d.name), any(r and r in a for r in roots for a in argv)
+            p = pid
+            while not ours and p > 1:
+                p = _parent(p)
+                ours = p == me
+        except (OSError, ValueError):
+            continue
+        if ours:
             ips = [a.split("=", 1)[1] for a in argv if a.startswith("--node_ip_address=")]
             out[pid] = ips[0] if ips else ""
     return out
@@ -258,6 +275,8 @@ _RAY_ROOTS: list[str] = []  # temp dirs of Ray clusters the suite started with `
 def _ray_stays_on_loopback():
     """After every test: no raylet the suite started binds a non-loopback address."""
     yield
+    if "ray" not in sys.modules and not _RAY_ROOTS:
+        return  # nothing in this process has started Ray
     bad = {pid: ip for pid, ip in raylet_node_ips(tuple(_RAY_ROOTS)).items()
            if not ip.startswith("127.")}
     if bad:
