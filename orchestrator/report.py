@@ -27,7 +27,7 @@ import numpy as np
 
 from orchestrator import manifest as mf
 from orchestrator.locate import resolve_sweep
-from orchestrator.results import metric_value, selection_metric, trial_row
+from orchestrator.results import metric_value, ranking_metric, trial_row
 from rcig import storage
 
 IN_PROGRESS = (mf.RUNNING, mf.PENDING, mf.PREEMPTED, mf.FAILED)
@@ -219,10 +219,10 @@ def build_report(name_or_uri: str, figures: bool = True) -> Report:
     uri = resolve_sweep(name_or_uri)
     doc = mf.read_manifest(uri)
     spec = doc.get("spec") or {}
-    metric = selection_metric(spec.get("metric"))
     mode = spec.get("mode", "max")
     price, currency = _price(doc)
     recs = mf.read_records(uri, [])
+    metric = ranking_metric(spec.get("metric"), recs)
     if not recs:
         raise ReportError(f"sweep {doc.get('name', name_or_uri)} at {uri} has no trials yet "
                           f"(no {mf.TRIALS}/*/{mf.RECORD}); see `rcig sweep status {name_or_uri}`")

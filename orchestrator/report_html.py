@@ -105,22 +105,26 @@ def _param(v: Any) -> str:
     return format(v, ".4g") if isinstance(v, float) else str(v)
 
 
-def _eval_cells(t: "TrialView") -> tuple[str, str]:
+def _eval_cells(t: "TrialView") -> tuple[str, str, str]:
+    """Validation (what trials are chosen by; "(p)": a stopped trial's last intermediate
+    estimate), test (the final evaluation) and the random-real baseline's test accuracy."""
     ev = t.eval or {}
     base = ev.get("baseline") or {}
     mean, std = ev.get("mean"), ev.get("std")
+    val, src = t.row.get("val_mean"), t.row.get("val_source")
+    v = cell(f"{_num(val, '.4f')}{' (p)' if src == 'probe' else ''}" if val is not None else "–", val)
     e = cell(f"{_num(mean, '.4f')} ± {_num(std, '.4f')}" if mean is not None else "–", mean)
     b = cell(f"{_num(base.get('mean'), '.4f')} ± {_num(base.get('std'), '.4f')}"
              if base.get("mean") is not None else "–", base.get("mean"))
-    return e, b
+    return v, e, b
 
 
 def leaderboard(rep: "Report") -> str:
     """The sortable leaderboard table, one `<tr data-key=...>` per trial, best first."""
     heads = ["rank", "trial", "state"] + [p.rsplit(".", 1)[-1] for p in rep.params] + [
-        "eval mean ± std", "random baseline", "step", "preempt.", "failures", "acc-hours",
+        "val", "eval mean ± std", "random baseline", "step", "preempt.", "failures", "acc-hours",
         f"cost ({rep.currency})"]
-    titles = ["", "", ""] + rep.params + [""] * 7
+    titles = ["", "", ""] + rep.params + ["validation accuracy (selection)", "test accuracy"] + [""] * 6
     th = "".join(f'<th class="{"l" if h in ("trial", "state") else ""}" title="{escape(t)}">'
                  f"{escape(h)}</th>" for h, t in zip(heads, titles))
     rows = []

@@ -116,6 +116,16 @@ def selection_metric(spec_metric: str | None) -> str:
     return SELECT_METRIC if not spec_metric or spec_metric in TEST_METRICS else spec_metric
 
 
+def ranking_metric(spec_metric: str | None, recs: list[mf.TrialRecord]) -> str:
+    """`selection_metric`, except in a sweep from before validation splits (no trial has a
+    validation figure): there, the spec's own metric."""
+    chosen = selection_metric(spec_metric)
+    if chosen == SELECT_METRIC and spec_metric in TEST_METRICS and not any(
+            metric_value(r, SELECT_METRIC) is not None for r in recs):
+        return spec_metric
+    return chosen
+
+
 def best(name_or_uri: str, metric: str | None = None, top: int = 5,
          mode: str | None = None) -> list[dict[str, Any]]:
     """Leaderboard: trials with `metric` (default: `selection_metric` of the spec's, a
@@ -123,11 +133,8 @@ def best(name_or_uri: str, metric: str | None = None, top: int = 5,
     uri = resolve_sweep(name_or_uri)
     doc = mf.read_manifest(uri)
     spec = doc["spec"]
-    default = selection_metric(spec.get("metric"))
     recs = mf.read_records(uri, [])
-    if metric is None and default == SELECT_METRIC and spec.get("metric") in TEST_METRICS and not any(
-            metric_value(r, SELECT_METRIC) is not None for r in recs):
-        default = spec["metric"]  # a sweep from before validation splits: its own metric
+    default = ranking_metric(spec.get("metric"), recs)
     metric = metric or default
     mode = mode or (spec.get("mode", "max") if metric == default else
                     ("min" if "loss" in metric else "max"))
