@@ -94,20 +94,32 @@ def distill_cmd(
     restart: bool = typer.Option(False, "--restart", help="Start over even if --out holds checkpoints (moves them aside)."),
     force: bool = typer.Option(False, "--force", help="With --restart: delete the old checkpoints."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved preset, the step's FLOPs, memory per device and an estimated wall time; run nothing."),
 ):
     """Distill a dataset locally (no Ray) into --out; resumes if --out has checkpoints.
+
+    Without an accelerator and without --preset, the dataset's laptop preset is used (one
+    line says so); --preset names any other (e.g. the paper's).
 
     Example: rcig distill --dataset digits --ipc 1 --out runs/digits1
     """
     from rcig.config import ConfigError, make_config
+    from rcig.cost import choose_preset, preflight
 
     try:
         top = {"seed": seed, "data_dir": data_dir}
         if steps is not None:
             top["steps"] = steps
+        preset, preset_note = choose_preset(dataset, ipc, preset)
         cfg = make_config(dataset, ipc, preset=preset, overrides=list(set_), **top)
     except ConfigError as e:
         _fail(str(e))
+    if preset_note:
+        typer.echo(preset_note, err=True)
+    for line in preflight(cfg, dry_run=dry_run):
+        typer.echo(line, err=not dry_run)
+    if dry_run:
+        return
     out = out or f"runs/{cfg.dataset}_ipc{cfg.ipc}_seed{cfg.seed}"
     from rcig.distill import EXIT_PREEMPTED, run_distillation
     from rcig.preemption import GcePreemptionWatcher, StopControl
@@ -126,7 +138,9 @@ def distill_cmd(
     if res.status == "preempted":
         typer.echo(f"stopped by signal at step {res.step}; checkpoint committed at step {res.checkpoint_step}. "
                    f"Rerun the same command to resume.", err=True)
-        raise typer.Exit(EXIT_PREEMPTED)
+        from rcig.preemption import exit_preempted
+
+        exit_preempted(EXIT_PREEMPTED)  # committed; a slow interpreter shutdown must not eat the notice
     if res.eval:
         ev = res.eval
         base = ev.get("baseline") or {}

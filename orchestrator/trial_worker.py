@@ -118,7 +118,12 @@ def main(argv: list[str]) -> int:
             return 1
     lease.release()
     emit({"event": "result", **dataclasses.asdict(result)})
-    return 0 if result.status == "completed" else EXIT_PREEMPTED
+    if result.status != "completed":  # committed; do not spend the notice on shutdown
+        from rcig.preemption import exit_preempted
+
+        events.flush()
+        exit_preempted(EXIT_PREEMPTED)
+    return 0
 
 
 if __name__ == "__main__":

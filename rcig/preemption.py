@@ -399,6 +399,18 @@ class StopControl:
         self.restore()
 
 
+def exit_preempted(code: int = EXIT_PREEMPTED) -> None:
+    """End a process whose run stopped on request, once what it keeps is committed:
+    flush stdout/stderr and `os._exit(code)`, skipping interpreter shutdown (joining
+    library threads, atexit hooks), which can take longer than a notice's grace period."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001 - closed stream: exit anyway
+            pass
+    os._exit(code)
+
+
 def active_control() -> StopControl | None:
     """The installed `StopControl`, or None."""
     return _ACTIVE
