@@ -145,6 +145,8 @@ def test_one_spec_per_paper_setting():
         if p.stem == "quickstart":
             continue
         cfg = load_spec(p).base_config()
+        if cfg.dataset == "digits":  # the laptop specs (one per search algorithm), not the paper's
+            continue
         found[(cfg.dataset, cfg.ipc)] = (cfg.preset, cfg.steps)
     assert found == PAPER
 
