@@ -104,7 +104,12 @@ class LRTuneConfig:
     skip: bool = False
     growth: float = 1.2
     backoff: float = 0.7
-    max_probes: int = 60  # per search (inner, then H-solve); hitting it is logged
+    max_probes: int = 60  # probe budget per search (inner, then H-solve); hitting a cap is logged
+    # rcig.lr_search: "bracket" gallops then bisects on the grid lr0*growth**i (a few
+    # probes), "linear" walks it one candidate at a time (the original); same answer
+    # whenever the labels along the grid are monotonic-then-not.
+    method: Literal["bracket", "linear"] = "bracket"
+    max_index: int = 100  # largest grid index tried (1.2**100 ~ 8e7 times the start)
     batch: int = 0  # candidate LRs per vmapped probe call; 0 = auto (1 on CPU, 8 on GPU/TPU)
     adapt_every: int = 50
     fail_fraction: float = 0.29
@@ -182,12 +187,12 @@ class DistillConfig:
     preset: str = "digits"
     data_dir: str | None = None
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    # Inner/H-solve loop form. "auto" = lax.scan on every backend: on XLA:CPU (jax 0.10.2)
-    # some compilations of the Python-unrolled loops gave a garbage first inner loss, so
-    # the LR search's outcome varied from process to process (BENCHMARKS.md, "Findings").
-    # "unroll" (Python-unrolled, with the zero start hidden from XLA's folding, which
-    # cured that in every compile we tried) runs ~2.5x faster on CPU but compiles ~2.5x
-    # slower; it is opt-in.
+    # Inner/H-solve loop form. "auto" = Python-unrolled on CPU (~2x faster steps on
+    # XLA:CPU) behind a run-time guard, lax.scan elsewhere. The guard (rcig.engine.Engine)
+    # checks the first step's first inner loss against the same loss computed without a
+    # loop and recompiles with scans on a mismatch: some XLA:CPU compiles (jax 0.10.2) of
+    # the network's tangent map applied to literal zeros gave garbage (BENCHMARKS.md,
+    # "Findings"). LR probes always use scans (few calls: compile time dominates).
     loop: Literal["auto", "unroll", "scan"] = "auto"
     log_every: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -276,7 +281,7 @@ PRESETS: dict[str, DistillConfig] = {
     # (digits are not mirror-symmetric), digit-safe augmentations for evaluation.
     "digits": DistillConfig(
         preset="digits",
-        steps=1000,  # ~3.5 steps/s on 2 CPU cores: ~5 minutes with LR search and eval
+        steps=300,  # with unrolled loops on CPU: ~2 minutes with LR search and eval (BENCHMARKS.md)
         model=ModelConfig(width=32),
         outer=OuterConfig(real_batch_size=256, use_flip=False),
         pool=PoolConfig(model_count=10),
@@ -287,6 +292,56 @@ PRESETS: dict[str, DistillConfig] = {
         checkpoint=CheckpointConfig(every_steps=50),
     ),
 }
+
+# ---- laptop presets: each dataset's shape, 1 ipc in minutes on 2 CPU cores ----------
+# The paper's presets (width 128, 10000 steps) need minutes per step on a CPU. These keep
+# the algorithm whole (inner loop, H-solve, implicit gradient, pool, learned labels) and
+# shrink what costs: width 8 (4 for 64 px), real batch 256 (128 for 64 px), a 10-model
+# pool, 300 outer steps (fewer for 100/200 classes), evaluation at the same width without
+# augmentation (as `digits`). `rcig distill` picks them when no accelerator is present
+# (`laptop_preset`); `--preset <paper preset>` restores the paper's. Measured on this
+# project's data only (the bundled digits, resized/channel-replicated to each shape, which
+# is not the real dataset): BENCHMARKS.md, "Laptop presets".
+def _laptop(name: str, *, width: int, steps: int, flip: bool, real_batch: int = 256,
+            n_loop: int = 20, softplus_temp: float = 60.0) -> DistillConfig:
+    return DistillConfig(
+        preset=name,
+        steps=steps,
+        model=ModelConfig(width=width, softplus_temp=softplus_temp),
+        inner=InnerConfig(n_steps=n_loop),
+        hinv=HinvConfig(n_steps=n_loop),
+        outer=OuterConfig(real_batch_size=real_batch, use_flip=flip),
+        pool=PoolConfig(model_count=10),
+        eval=EvalConfig(protocol="noaug", aug=_FULL_AUG if flip else "crop_rotate_translate_cutout", batch_size=256),
+        checkpoint=CheckpointConfig(every_steps=50),
+    )
+
+
+PRESETS.update({
+    "laptop_mnist": _laptop("laptop_mnist", width=8, steps=300, flip=False),  # MNIST, Fashion-MNIST
+    "laptop_cifar10": _laptop("laptop_cifar10", width=8, steps=300, flip=True),
+    "laptop_cifar100": _laptop("laptop_cifar100", width=8, steps=150, flip=True),
+    "laptop_tiny": _laptop("laptop_tiny", width=4, steps=60, flip=True, real_batch=128, n_loop=10,
+                           softplus_temp=0.0),
+})
+
+LAPTOP_PRESETS: dict[str, str] = {
+    "digits": "digits",
+    "mnist": "laptop_mnist",
+    "fashion_mnist": "laptop_mnist",
+    "cifar10": "laptop_cifar10",
+    "cifar100": "laptop_cifar100",
+    "tiny_imagenet": "laptop_tiny",
+}
+
+
+def laptop_preset(dataset: str, ipc: int, backend: str) -> str | None:
+    """The preset `rcig distill` uses without --preset: the dataset's laptop preset when the
+    backend is a CPU (None for datasets without one, and on GPU/TPU: the paper's applies)."""
+    if backend != "cpu":
+        return None
+    return LAPTOP_PRESETS.get(dataset)
+
 
 # Which preset each dataset uses by default (readme mapping, §11.2).
 DATASET_PRESETS: dict[str, str] = {

@@ -14,9 +14,11 @@ The step itself (`rcig.step.outer_step`) knows nothing of devices. Here:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rcig import krr, step
 from rcig.config import ConfigError, DistillConfig
 from rcig.model import make_convnet
+
+
+def resolve_loop(cfg: DistillConfig, backend: str | None = None) -> str:
+    """The loop form a config gets: "auto" is unrolled on CPU (with the first-step guard of
+    `Engine`, which falls back to scans on a wrongly compiled program) and a scan elsewhere."""
+    if cfg.loop != "auto":
+        return cfg.loop
+    return "unroll" if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
 def build_context(cfg: DistillConfig, image_shape: tuple[int, int, int], num_classes: int,
@@ -42,7 +52,7 @@ def build_context(cfg: DistillConfig, image_shape: tuple[int, int, int], num_cla
         chunk=o.max_forward_batch_size,
         row_sharding=NamedSharding(mesh, P("data")) if mesh is not None and mesh.size > 1 else None,
     )
-    unroll = cfg.loop == "unroll"  # "auto" and "scan": lax.scan (see DistillConfig.loop)
+    unroll = resolve_loop(cfg) == "unroll"
     t = cfg.lr_tune
     return step.StepContext(
         spec=spec, net=net, image_shape=tuple(image_shape),
@@ -100,10 +110,38 @@ class Engine:
         self._init = jax.jit(
             functools.partial(step.init_state, self.ctx), out_shardings=self.replicated, static_argnums=()
         )
-        # LR probes, vmapped over a batch of candidate LRs (one call tries several).
-        probe_many = lambda inner_only: jax.jit(jax.vmap(  # noqa: E731
-            functools.partial(step.probe, self.ctx, inner_only=inner_only), in_axes=(None, None, None, 0, 0, None)))
-        self._probe_inner, self._probe_both = probe_many(True), probe_many(False)
+        self._build_probes()
+        # Loop-form guard: unrolled loops on XLA:CPU once compiled to a garbage first inner
+        # loss (BENCHMARKS.md, "Findings"). The first step's first inner loss is checked
+        # against the same loss computed without a loop (and every metric for finiteness);
+        # on a mismatch the engine recompiles the step with scans and redoes that step.
+        self.guard = self.ctx.unroll
+        self._step_checked = not self.guard
+        self.guard_log: list[str] = []
+        self._first_loss = jax.jit(functools.partial(_first_loss_of_model, self.ctx))
+
+    def _build_probes(self) -> None:
+        # LR probes, vmapped over a batch of candidate LRs (one call tries several); the
+        # H-solve probe reuses delta*, theta0' and g_t, which do not depend on its LR.
+        # Probes always use scanned loops: a search makes ~25 calls, where an unrolled
+        # program's longer compile costs more than its faster loops save (BENCHMARKS.md),
+        # and scans never showed the bad first loss (so the probes need no guard).
+        ctx = dataclasses.replace(self.ctx, unroll=False)
+        self._probe_inner = jax.jit(jax.vmap(functools.partial(step.probe_inner, ctx), in_axes=(None, None, 0, None)))
+        self._probe_prepare = jax.jit(functools.partial(step.probe_prepare, ctx))
+        self._probe_hvp = jax.jit(jax.vmap(functools.partial(step.probe_hvp, ctx), in_axes=(None, None, 0)))
+
+    def _fall_back_to_scan(self, why: str) -> None:
+        self.guard_log.append(why)
+        warnings.warn(f"unrolled loops: {why}; recompiling with lax.scan loops", RuntimeWarning, stacklevel=3)
+        self.ctx = dataclasses.replace(self.ctx, unroll=False)
+        self._step = jax.jit(
+            functools.partial(_keyed_step, self.ctx),
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+        self.guard, self._step_checked = False, True
 
     # -- state ---------------------------------------------------------------------
     def init_state(self, x_init, y_init, key, inner_lr: float, hvp_lr: float) -> dict:
@@ -127,48 +165,85 @@ class Engine:
 
     # -- compute -------------------------------------------------------------------
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        return self._step(state, batch)
+        if self._step_checked:
+            return self._step(state, batch)
+        # First call with unrolled loops: run on a copy (the step donates its state), check
+        # the step's first inner loss against the loop-free value, keep or redo with scans.
+        backup = jax.tree.map(jnp.copy, state)
+        new, metrics = self._step(state, batch)
+        why = self._check_step(backup, metrics)
+        self._step_checked = True
+        if why is None:
+            return new, metrics
+        self._fall_back_to_scan(f"first step: {why}")
+        return self._step(backup, batch)
+
+    def _check_step(self, state: dict, metrics: dict) -> str | None:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        bad = sorted(k for k, v in m.items() if not np.isfinite(v))
+        if bad:
+            return f"non-finite {', '.join(bad)}"
+        if self.ctx.faithful_e2 or not (self.ctx.inner_sub is None or self.ctx.inner_sub >= state["coreset"]["x"].shape[0]):
+            return None  # the first loss is on a subset (or a drifting base): only finiteness is checked
+        want = float(self._first_loss(state["pool"]["params"], jnp.int32(int(m["pool/model"])), state["coreset"]))
+        return _mismatch("first inner loss", m["inner/loss_first"], want)
 
     def compile_step(self, state: dict, batch: dict):
         """AOT-compiled step (for cost analysis); does not run it."""
         return self._step.lower(state, batch).compile()
 
-    def tune_learning_rates(self, coreset: dict, batch: dict, key, inner_lr: float, hvp_lr: float) -> dict:
-        """§8.2 search: grow each LR by `growth` while its probe stays monotonic, then back off.
+    def tune_learning_rates(self, coreset: dict, batch: dict, key, inner_lr: float, hvp_lr: float,
+                            should_stop: Callable[[], bool] | None = None) -> dict:
+        """§8.2 search (`rcig.lr_search`) with this engine's probes.
 
         Probes: one step on a single fresh model (the same key every time) and the same
         real batch; the inner search uses the inner-loop label, the H-solve search the
-        H-solve residual label. `lr_tune.batch` candidate LRs (lr·growth^0..k-1) are probed
-        in one vmapped call; the result equals the one-at-a-time search (each probe is
-        independent of the others). Returns {"inner", "hvp", "probes", "seconds", "capped"}.
+        H-solve residual label (delta*, theta0' and g_t are computed once for it, at the
+        inner LR found). `lr_tune.batch` candidate LRs are probed per vmapped call.
+        `should_stop()` is asked before every probe call; when it returns true the search
+        raises `rcig.lr_search.SearchStopped`. Returns `search_learning_rates`' dict.
         """
+        from rcig import lr_search
+
         t = self.cfg.lr_tune
         k = t.batch or (1 if jax.default_backend() == "cpu" else 8)
         t0 = time.perf_counter()
         theta0 = step.fresh_model(self.ctx, jax.random.fold_in(key, 7))["params"]
         coreset = jax.device_put(coreset, self.replicated)
-        probes, capped = 0, []
+        held = {"inner": float(inner_lr), "prepared": None}
 
-        def search(lr: float, fixed: float, which: int) -> float:
-            nonlocal probes
-            tried = 0
-            while tried < t.max_probes:
-                lrs = lr * t.growth ** np.arange(k)
-                other = np.full(k, fixed, np.float32)
-                args = (lrs.astype(np.float32), other) if which == 0 else (other, lrs.astype(np.float32))
-                fn = self._probe_inner if which == 0 else self._probe_both
-                labels = np.asarray(fn(coreset, theta0, batch, args[0], args[1], key)[which])
-                tried += k
-                bad = np.flatnonzero(labels != 1)
-                if bad.size:
-                    probes += int(bad[0]) + 1
-                    return float(lrs[bad[0]]) * t.backoff
-                probes += k
-                lr = float(lrs[-1]) * t.growth
-            capped.append("inner" if which == 0 else "hvp")
-            return lr * t.backoff
+        def pad(lrs):  # a fixed batch shape: one compile per probe function
+            lrs = np.asarray(lrs, np.float32)
+            return np.concatenate([lrs, np.full(k - len(lrs) % k if len(lrs) % k else 0, lrs[-1], np.float32)])
 
-        inner_lr = search(inner_lr, hvp_lr, 0)
-        hvp_lr = search(hvp_lr, inner_lr, 1)
-        return {"inner": float(inner_lr), "hvp": float(hvp_lr), "probes": probes,
-                "seconds": time.perf_counter() - t0, "capped": capped}
+        def probe(which: str, lrs):
+            n = len(lrs)
+            if which == "inner":
+                labels, _ = self._probe_inner(coreset, theta0, pad(lrs), key)
+                return np.asarray(labels)[:n].tolist()
+            if held["prepared"] is None:
+                held["prepared"] = self._probe_prepare(coreset, theta0, batch, np.float32(held["inner"]), key)
+            labels, _ = self._probe_hvp(coreset, held["prepared"], pad(lrs))
+            return np.asarray(labels)[:n].tolist()
+
+        def set_inner(lr: float) -> None:
+            held["inner"], held["prepared"] = float(lr), None
+
+        out = lr_search.search_learning_rates(
+            probe, float(inner_lr), float(hvp_lr), set_inner=set_inner, growth=t.growth, backoff=t.backoff,
+            max_index=t.max_index, max_probes=t.max_probes, method=t.method, batch=k, should_stop=should_stop)
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+
+def _first_loss_of_model(ctx: step.StepContext, pool_params, idx, coreset) -> jax.Array:
+    theta0 = jax.tree.map(lambda a: a[idx], pool_params)
+    x_s, y_s = krr.support(ctx.spec, jax.lax.stop_gradient(coreset))
+    return step.first_inner_loss(ctx, theta0, x_s, y_s)
+
+
+def _mismatch(what: str, got: float, want: float, rtol: float = 1e-3) -> str | None:
+    """None if `got` is finite and within rtol of `want`, else a one-line description."""
+    if np.isfinite(got) and abs(got - want) <= rtol * max(abs(want), 1e-12):
+        return None
+    return f"{what} {got!r}, want {want!r}"

@@ -416,6 +416,53 @@ def outer_step(ctx: StepContext, state: dict, batch: dict, key) -> tuple[dict, d
     return new_state, {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
 
+def first_inner_loss(ctx: StepContext, theta0, x_s, y_s) -> jax.Array:
+    """L_in at delta = 0 for base theta0 (all rows), computed without a loop and without
+    linearising: J·0 = 0, so only the features enter. The inner loop's first recorded loss
+    must equal it; the loop-form guard compares the two.
+
+    (Not `fixed_inner_loss(...)(zeros)`: on XLA:CPU, jax 0.10.2, that tangent map applied
+    to literal zeros compiled to inf here, the same defect the loops' opaque zero start
+    works around; see BENCHMARKS.md, "Findings".)
+    """
+    feats = ctx.spec.apply_fn({"params": theta0}, x_s)[1]
+    zeros = jax.tree.map(jnp.zeros_like, theta0)
+    return krr.inner_loss_from_rows(ctx.spec, feats, jnp.zeros_like(y_s), y_s, zeros)
+
+
+def probe_inner(ctx: StepContext, coreset, theta0, inner_lr, key) -> tuple[jax.Array, jax.Array]:
+    """The inner half of the §8.2 probe: (inner label, first inner loss) on a fresh model.
+    The same computation and keys as `probe(..., inner_only=True)`."""
+    model = {"params": theta0, "mu": None, "nu": None, "age": jnp.int32(0)}
+    x_s, y_s = krr.support(ctx.spec, coreset)
+    k_inner = jax.random.split(key, 3)[0]
+    ctx_fresh = dataclasses.replace(ctx, faithful_e2=False)
+    _, _, losses = inner_loop(ctx_fresh, model, x_s, y_s, inner_lr, k_inner)
+    return classify(losses), losses[0]
+
+
+def probe_prepare(ctx: StepContext, coreset, theta0, batch, inner_lr, key) -> dict:
+    """Everything the H-solve probe needs that does not depend on the H-solve LR: delta*,
+    theta0' and g_t at the (fixed) inner LR. Computed once per H-solve search."""
+    model = {"params": theta0, "mu": None, "nu": None, "age": jnp.int32(0)}
+    x_s, y_s = krr.support(ctx.spec, coreset)
+    k_inner, k_dir, k_hinv = jax.random.split(key, 3)
+    ctx_fresh = dataclasses.replace(ctx, faithful_e2=False)
+    delta, theta0p, _ = inner_loop(ctx_fresh, model, x_s, y_s, inner_lr, k_inner)
+    caches = meta_caches(ctx, theta0p, delta, x_s, batch["x"])
+    _, _, _, g_t = direct_gradient(ctx, coreset, delta, theta0p, batch["x"], batch["y"], caches, k_dir)
+    return {"delta": delta, "theta0p": theta0p, "g_t": g_t, "cache": caches.get("s"), "k_hinv": k_hinv}
+
+
+def probe_hvp(ctx: StepContext, coreset, prepared: dict, hvp_lr) -> tuple[jax.Array, jax.Array]:
+    """The H-solve half of the §8.2 probe: (H-solve label, first residual; 0 exactly when
+    the program is right, since h starts at 0). Same values as `probe`'s second label."""
+    x_s, y_s = krr.support(ctx.spec, coreset)
+    p = prepared
+    _, residuals = hinv_solve(ctx, p["delta"], p["theta0p"], x_s, y_s, p["g_t"], hvp_lr, p["k_hinv"], p["cache"])
+    return classify(residuals), residuals[0]
+
+
 def probe(ctx: StepContext, coreset, theta0, batch, inner_lr, hvp_lr, key, inner_only: bool = False) -> tuple[jax.Array, jax.Array]:
     """§8.2 probe: one step's inner and H-solve labels on a fresh model. Pure.
 

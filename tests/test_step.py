@@ -275,3 +275,52 @@ def test_subsampled_config_runs_a_step():
     _, state, metrics = run_steps(cfg, 1, devices=jax.local_devices()[:1])
     assert np.isfinite(metrics[-1]["outer/loss"])
     assert metrics[-1]["grad/implicit_norm"] > 0
+
+
+# ---- loop form: unrolled on CPU behind a first-step guard ------------------------------
+def test_auto_loop_is_unrolled_on_cpu_and_a_scan_elsewhere():
+    from rcig.engine import resolve_loop
+
+    cfg = tiny_cfg(loop="auto")
+    assert resolve_loop(cfg, "cpu") == "unroll" and resolve_loop(cfg, "gpu") == "scan"
+    assert resolve_loop(tiny_cfg(loop="scan"), "cpu") == "scan"
+
+
+def test_first_inner_loss_reference_is_the_inner_loss_at_zero():
+    cs, theta0, delta, _, _ = _inputs()
+    eng = engine_for(tiny_cfg())
+    xs, ys = krr.support(eng.ctx.spec, cs)
+    zeros = jax.tree.map(jnp.zeros_like, delta)
+    want = krr.inner_loss(eng.ctx.spec, zeros, theta0, xs, ys)
+    np.testing.assert_allclose(jax.jit(lambda *a: step.first_inner_loss(eng.ctx, *a))(theta0, xs, ys), want, rtol=1e-5)
+
+
+def test_guard_accepts_a_right_first_step_and_flags_a_wrong_one():
+    cfg = tiny_cfg(loop="unroll")
+    eng = Engine(cfg, (8, 8, 1), C, devices=jax.local_devices()[:1])
+    assert eng.guard
+    x0, y0, xb, yb = tiny_data()
+    state = eng.init_state(x0, y0, jax.random.PRNGKey(0), 1e-3, 1e-3)
+    keep = jax.tree.map(jnp.copy, state)
+    _, m = eng.step(state, eng.put_batch(xb, yb))
+    assert eng.guard_log == [] and eng.ctx.unroll  # a right compile is kept
+    m = {k: float(v) for k, v in m.items()}
+    assert eng._check_step(keep, m) is None
+    assert "first inner loss" in eng._check_step(keep, {**m, "inner/loss_first": m["inner/loss_first"] * 1e6})
+    assert "non-finite" in eng._check_step(keep, {**m, "outer/loss": float("inf")})
+
+
+def test_guard_falls_back_to_scan_and_redoes_the_step():
+    """A first step the guard rejects is recomputed with scans from the same state: the
+    result is the scan engine's, and the engine stays on scans."""
+    x0, y0, xb, yb = tiny_data()
+    eng = Engine(tiny_cfg(loop="unroll"), (8, 8, 1), C, devices=jax.local_devices()[:1])
+    eng._check_step = lambda state, metrics: "forced by the test"
+    state = eng.init_state(x0, y0, jax.random.PRNGKey(0), 1e-3, 1e-3)
+    with pytest.warns(RuntimeWarning, match="forced by the test"):
+        got, _ = eng.step(state, eng.put_batch(xb, yb))
+    assert not eng.ctx.unroll and eng.guard_log == ["first step: forced by the test"]
+    ref = engine_for(tiny_cfg())  # loop=scan
+    want, _ = ref.step(ref.init_state(x0, y0, jax.random.PRNGKey(0), 1e-3, 1e-3), ref.put_batch(xb, yb))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
