@@ -174,23 +174,24 @@ def finish(rec: TrialRecord, ending: Ending, budgets: Budgets, now: float) -> De
     if ending.kind in ("preempted", "lost"):
         _close(rec, ending.kind, now)
         rec.preemptions += 1
-        rec.status = PREEMPTED
-        why = exhausted(rec, budgets)
-        if why:
-            rec.status = ERROR
-            return Decision(rec, GIVE_UP, why)
-        return Decision(rec, RETRY, f"{'preemption notice' if ending.kind == 'preempted' else 'lease lost'}; "
-                                    f"checkpoint committed at step {rec.checkpoint_step}")
+        cause = "preemption notice" if ending.kind == "preempted" else "lease lost"
+        return _retry_or_give_up(rec, PREEMPTED, budgets,
+                                 f"{cause}; checkpoint committed at step {rec.checkpoint_step}")
     tb = ending.error or "the trial worker ended without a traceback (killed? out of memory?)"
     rec.errors.append({"attempt": rec.attempts, "at": now, "traceback": tb[-8000:]})
     _close(rec, "failed", now)
     rec.failures += 1
-    rec.status = FAILED
+    return _retry_or_give_up(rec, FAILED, budgets,
+                             f"failed (attempt {rec.attempts}); retrying from its last checkpoint")
+
+
+def _retry_or_give_up(rec: TrialRecord, status: str, budgets: Budgets, reason: str) -> Decision:
     why = exhausted(rec, budgets)
     if why:
         rec.status = ERROR
         return Decision(rec, GIVE_UP, why)
-    return Decision(rec, RETRY, f"failed (attempt {rec.attempts}); retrying from its last checkpoint")
+    rec.status = status
+    return Decision(rec, RETRY, reason)
 
 
 def stopped_by_scheduler(rec: TrialRecord, now: float) -> TrialRecord:

@@ -95,13 +95,19 @@ def _emulator_sends_generation_headers() -> None:
         return plain_download(request, response, storage, *args, **kwargs)
 
     download._sends_generation = True
-    objects.download = download
-    from gcp_storage_emulator import server  # its routing table may hold the plain handler
+    _replace_handler(plain_download, download)
 
+
+def _replace_handler(plain, patched) -> None:
+    """Install `patched` wherever the emulator uses `plain` (module and routing table)."""
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    setattr(objects, plain.__name__, patched)
     for _, methods in server.HANDLERS:
         for method, handler in list(methods.items()):
-            if handler is plain_download:
-                methods[method] = download
+            if handler is plain:
+                methods[method] = patched
 
 
 def _emulator_honours_generation_preconditions() -> None:
@@ -137,13 +143,7 @@ def _emulator_honours_generation_preconditions() -> None:
             return plain_insert(request, response, storage, *args, **kwargs)
 
     insert._preconditions = True
-    objects.insert = insert
-    from gcp_storage_emulator import server
-
-    for _, methods in server.HANDLERS:
-        for method, handler in list(methods.items()):
-            if handler is plain_insert:
-                methods[method] = insert
+    _replace_handler(plain_insert, insert)
 
 
 class GcsEmulator:
