@@ -188,6 +188,16 @@ class RecordStore:
                                    f"giving up this update")
 
 
+def count_states(records: list[TrialRecord], damaged: list[DamagedRecord] | None = None) -> dict[str, int]:
+    """Trials per state (damaged records as DAMAGED)."""
+    out: dict[str, int] = {}
+    for rec in records:
+        out[rec.status] = out.get(rec.status, 0) + 1
+    if damaged:
+        out["DAMAGED"] = len(damaged)
+    return out
+
+
 def write_record(sweep_uri: str, rec: TrialRecord) -> None:
     """Replace a record unconditionally (tests and repairs; trials use RecordStore)."""
     rec.updated = time.time()

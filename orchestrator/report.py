@@ -27,7 +27,7 @@ import numpy as np
 
 from orchestrator import manifest as mf
 from orchestrator.locate import resolve_sweep
-from orchestrator.results import metric_value, ranking_metric, trial_row
+from orchestrator.results import metric_value, ranking_metric, trial_row, with_reached
 from rcig import storage
 
 IN_PROGRESS = (mf.RUNNING, mf.PENDING, mf.PREEMPTED, mf.FAILED)
@@ -74,10 +74,7 @@ class Report:
 
     @property
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for t in self.trials:
-            out[t.rec.status] = out.get(t.rec.status, 0) + 1
-        return out
+        return mf.count_states([t.rec for t in self.trials])
 
 
 # ---- reading one trial ------------------------------------------------------------------
@@ -221,7 +218,7 @@ def build_report(name_or_uri: str, figures: bool = True) -> Report:
     spec = doc.get("spec") or {}
     mode = spec.get("mode", "max")
     price, currency = _price(doc)
-    recs = mf.read_records(uri, [])
+    recs = with_reached(uri, mf.read_records(uri, []))
     metric = ranking_metric(spec.get("metric"), recs)
     if not recs:
         raise ReportError(f"sweep {doc.get('name', name_or_uri)} at {uri} has no trials yet "

@@ -77,12 +77,9 @@ def status(name_or_uri: str) -> dict[str, Any]:
     doc = mf.read_manifest(uri)
     price, currency = _price(doc)
     damaged: list[mf.DamagedRecord] = []
-    rows = [trial_row(r, price) for r in mf.read_records(uri, damaged)]
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    if damaged:
-        counts["DAMAGED"] = len(damaged)
+    recs = mf.read_records(uri, damaged)
+    rows = [trial_row(r, price) for r in recs]
+    counts = mf.count_states(recs, damaged)
     return {"sweep": doc["name"], "uri": uri, "counts": counts, "currency": currency,
             "metric": doc["spec"].get("metric", "eval/mean"), "trials": rows,
             "damaged": [{"path": e.uri, "error": str(e)} for e in damaged],
@@ -116,6 +113,37 @@ def selection_metric(spec_metric: str | None) -> str:
     return SELECT_METRIC if not spec_metric or spec_metric in TEST_METRICS else spec_metric
 
 
+def with_reached(sweep_uri: str, recs: list[mf.TrialRecord]) -> list[mf.TrialRecord]:
+    """Trials a scheduler stopped whose record missed their last reports (the trial was
+    ended between two record writes) get the validation estimate they reached, and the
+    last step they ran, from their own `metrics.jsonl` (in memory; records untouched)."""
+    import json
+
+    for rec in recs:
+        if rec.status != mf.STOPPED or rec.metrics.get(SELECT_METRIC) is not None or rec.eval:
+            continue
+        uri = storage.join(mf.trial_uri(sweep_uri, rec.key), "metrics.jsonl")
+        try:
+            lines = storage.read_text(uri).splitlines() if storage.exists(uri) else []
+        except (OSError, ValueError):
+            continue
+        last_step, reached = None, None
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line
+            last_step = row.get("step", last_step)
+            if isinstance(row.get(SELECT_METRIC), (int, float)):
+                reached = row
+        if reached is not None:
+            rec.metrics = {**rec.metrics, SELECT_METRIC: float(reached[SELECT_METRIC]),
+                           "val/step": float(reached["step"])}
+        if rec.step is None and last_step is not None:
+            rec.step = int(last_step)
+    return recs
+
+
 def ranking_metric(spec_metric: str | None, recs: list[mf.TrialRecord]) -> str:
     """`selection_metric`, except in a sweep from before validation splits (no trial has a
     validation figure): there, the spec's own metric."""
@@ -133,7 +161,7 @@ def best(name_or_uri: str, metric: str | None = None, top: int = 5,
     uri = resolve_sweep(name_or_uri)
     doc = mf.read_manifest(uri)
     spec = doc["spec"]
-    recs = mf.read_records(uri, [])
+    recs = with_reached(uri, mf.read_records(uri, []))
     default = ranking_metric(spec.get("metric"), recs)
     metric = metric or default
     mode = mode or (spec.get("mode", "max") if metric == default else
@@ -142,7 +170,7 @@ def best(name_or_uri: str, metric: str | None = None, top: int = 5,
     scored = [(metric_value(r, metric), r) for r in recs]
     scored = [(v, r) for v, r in scored if v is not None]
     if not scored:
-        states = ", ".join(f"{n} {s}" for s, n in sorted(_count(recs).items())) or "no trials yet"
+        states = ", ".join(f"{n} {s}" for s, n in sorted(mf.count_states(recs).items())) or "no trials yet"
         raise ResultsError(f"no trial of {uri} has reported {metric} yet ({states}); "
                            f"see `rcig sweep status {name_or_uri}`")
     scored.sort(key=lambda t: t[0], reverse=(mode == "max"))
@@ -152,13 +180,6 @@ def best(name_or_uri: str, metric: str | None = None, top: int = 5,
         row.update(rank=rank, metric=metric, value=v)
         out.append(row)
     return out
-
-
-def _count(recs: list[mf.TrialRecord]) -> dict[str, int]:
-    c: dict[str, int] = {}
-    for r in recs:
-        c[r.status] = c.get(r.status, 0) + 1
-    return c
 
 
 COMMIT_MARKER = "commit_success.txt"

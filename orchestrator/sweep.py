@@ -129,12 +129,7 @@ def _launch_info(address: str | None, kind: str) -> dict[str, Any]:
 
 def _counts(sweep_uri: str) -> dict[str, int]:
     damaged: list[mf.DamagedRecord] = []
-    counts: dict[str, int] = {}
-    for rec in mf.read_records(sweep_uri, damaged):
-        counts[rec.status] = counts.get(rec.status, 0) + 1
-    if damaged:
-        counts["DAMAGED"] = len(damaged)
-    return counts
+    return mf.count_states(mf.read_records(sweep_uri, damaged), damaged)
 
 
 def launch(spec_path: str, storage_uri: str | None = None, name: str | None = None,

@@ -38,7 +38,8 @@ import signal
 import sys
 import traceback
 
-EXIT_PREEMPTED = 75  # = rcig.preemption.EXIT_PREEMPTED (not imported: keeps this light)
+from rcig.preemption import EXIT_PREEMPTED  # 75: stopped, resumable
+
 EXIT_LEASE_HELD = 76  # another live attempt holds the folder: nothing was written
 EXIT_LEASE_LOST = 77  # the lease was taken over mid-run: stopped writing at once
 

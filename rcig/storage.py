@@ -123,18 +123,6 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode())
 
 
-def append_text(uri: str, text: str) -> None:
-    """Append to a local file; for object stores, read-modify-write the object."""
-    if not is_remote(uri):
-        path = normalize(uri)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "a") as f:
-            f.write(text)
-        return
-    old = read_text(uri) if exists(uri) else ""
-    write_text(uri, old + text)
-
-
 def listdir(uri: str) -> list[str]:
     """Base names of the entries directly under `uri` (empty if it does not exist)."""
     fs, path = filesystem(uri)
