@@ -94,3 +94,18 @@ def test_best_table_columns(tmp_path):
     assert row["val_best"][3:6] == ["0.9000", "0.8000±0.010", "0.5800/0.5500±0.030"]
     assert row["stopped"][3:6] == ["0.4000(p)", "-", "-"]
     assert any(ln.startswith("(p):") for ln in lines)
+
+
+def test_a_stopped_trial_whose_record_missed_its_last_report_ranks_on_its_metrics_file(tmp_path):
+    """A scheduler can end a trial between two writes of its record: what it reached is
+    read from its own metrics.jsonl (the probe rows carry val/acc)."""
+    sweep, keys = _sweep(str(tmp_path))
+    key = _trial(sweep, 0.03, val=None, test=None, status=mf.STOPPED)  # no metrics recorded
+    rows = [{"step": s, "outer/loss": 1.0 / s} for s in range(1, 8)]
+    rows[4]["val/acc"] = 0.61  # the probe at step 5
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "outer/lo'  # torn last line
+    storage.write_text(storage.join(mf.trial_uri(sweep, key), "metrics.jsonl"), text)
+    got = {r["key"]: r for r in best(sweep, top=10)}
+    assert got[key]["value"] == 0.61 and got[key]["val_source"] == "probe"
+    assert got[key]["val_step"] == 5.0
+    assert [r["key"] for r in best(sweep, top=10)][2] == key  # below 0.90 and 0.85, above 0.40
