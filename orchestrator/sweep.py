@@ -5,8 +5,9 @@ experiment state *and* our manifest (`orchestrator.manifest`), so `status`, `bes
 `fetch` read storage alone.
 
 - `launch(spec_path, ...)`: validate the spec (before Ray starts), write the manifest,
-  start local Ray (or connect with `address`, after a preflight of the trial bundle
-  against the live nodes), run the Tuner. Launching into an existing sweep folder adopts
+  start local Ray (or connect with `address`), check that some node (live, or one the
+  autoscaler can add) holds a trial and that a cluster's storage is shared
+  (`orchestrator.preflight`), run the Tuner. Launching into an existing sweep folder adopts
   the trials already there (finished ones are not rerun).
 - `resume(name_or_uri)`: `Tuner.restore` (unfinished and errored trials continue, with a
   fresh failure budget; finished ones are not rerun). If Ray's state is missing or
