@@ -261,6 +261,7 @@ def sweep_launch_cmd(
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: start Ray on this machine)."),
     set_: list[str] = typer.Option([], "--set", help="Override: config field (--set steps=20) or spec key (--set max_concurrent=2); repeatable."),
     shared_storage: bool = typer.Option(False, "--shared-storage", help="With --address: the local --storage path is a mount every node shares (NFS); without it a cluster needs gs:// storage."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the base preset, a trial's step FLOPs, memory per device and estimated wall time; launch nothing."),
 ):
     """Launch a sweep; rerunning it adopts trials that already exist (finished ones are not rerun).
 
@@ -269,6 +270,19 @@ def sweep_launch_cmd(
     from orchestrator.spec import load_spec
     from orchestrator.sweep import launch
 
+    if dry_run:
+        from rcig.cost import sweep_dry_run
+
+        try:
+            sp = load_spec(spec, sets=list(set_), storage=storage, name=name)
+            n, unit = sp.accelerators_per_trial()
+            lines = sweep_dry_run(sp.base.dataset, sp.base.ipc, sp.base.preset, sp.base.overrides,
+                                  trials=sp.grid_size(), max_concurrent=sp.max_concurrent, accelerators=f"{n} {unit}")
+        except _sweep_user_errors() as e:
+            _sweep_fail(str(e))
+        for line in lines:
+            typer.echo(line)
+        return
     try:
         # Everything knowable before launch, the trials' data included, before Ray starts.
         load_spec(spec, sets=list(set_), storage=storage, name=name, check_data=True)

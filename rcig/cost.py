@@ -222,3 +222,20 @@ def preflight(cfg: DistillConfig, *, dry_run: bool, backend: str | None = None) 
             lines += describe(est)[-1:]
         lines.append(f"this exceeds {CPU_SLOW_S // 60} min on this CPU; faster: " + "; ".join(faster_options(est)))
     return lines
+
+
+def sweep_dry_run(dataset: str, ipc: int, preset: str | None, overrides: dict, *, trials: int,
+                  max_concurrent: int | None, accelerators: str) -> list[str]:
+    """Lines for `rcig sweep launch --dry-run`: one trial's base config costed on this
+    machine's devices (the search space's values are not costed one by one), and the
+    sweep's total if its trials ran here `max_concurrent` at a time."""
+    from rcig.config import make_config
+
+    cfg = make_config(dataset, ipc, preset=preset, overrides=dict(overrides))
+    est = estimate(cfg)
+    waves = -(-trials // max(1, max_concurrent or trials))
+    lines = describe(est)
+    lines.append(f"sweep: {trials} trials ({accelerators} each on the cluster); here, {max_concurrent or trials} at a "
+                 f"time, ~{_fmt_s(waves * est['wall_s'])} in all (the estimate is for this machine's "
+                 f"{est['devices']} x {est['device_kind']}, not the cluster's devices)")
+    return lines

@@ -101,3 +101,17 @@ def test_every_sweep_spec_names_its_preset():
         assert re.search(r"^# Preset: +\S+", text, re.M), f"{p.name}: no '# Preset:' line"
         named = re.search(r"^# Preset: +(\S+)", text, re.M).group(1)
         assert named == spec["base"]["preset"], p.name
+
+
+@pytest.mark.slow  # lowers two step forms and compiles one
+def test_sweep_launch_dry_run_costs_a_trial_and_launches_nothing(tmp_path):
+    from cli import app
+
+    args = ["sweep", "launch", str(ROOT / "sweeps" / "quickstart.yaml"), "--dry-run", "--storage", str(tmp_path)]
+    for s in TINY:
+        args += ["--set", s]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "preset digits: digits 8x8x1" in res.output and "GFLOP" in res.output
+    assert re.search(r"sweep: 4 trials \(1 cpu", res.output)
+    assert list(tmp_path.iterdir()) == []  # no sweep folder, no manifest
