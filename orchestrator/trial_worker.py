@@ -36,6 +36,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
 
 from rcig.preemption import EXIT_PREEMPTED  # 75: stopped, resumable
@@ -73,13 +74,20 @@ def main(argv: list[str]) -> int:
     def report_stopped(phase: str) -> None:
         """Before a stop request ends the process outside the step loop (exit 75): tell
         the parent what is committed, and release the lease."""
-        step = None
-        try:
-            from rcig.checkpoint import CheckpointStore
+        found: list = []
 
-            step = CheckpointStore(job["out_uri"]).latest_step()
-        except Exception:  # noqa: BLE001 - unknown: the parent keeps what it last heard
-            pass
+        def latest() -> None:
+            try:
+                from rcig.checkpoint import CheckpointStore
+
+                found.append(CheckpointStore(job["out_uri"]).latest_step())
+            except Exception:  # noqa: BLE001 - unknown: the parent keeps what it last heard
+                pass
+
+        t = threading.Thread(target=latest, daemon=True)
+        t.start()
+        t.join(timeout=1.5)  # slow storage: report without the step rather than not at all
+        step = found[0] if found else None
         emit({"event": "result", "out_uri": job["out_uri"], "status": "preempted", "step": step,
               "final_metrics": {}, "eval": None, "checkpoint_step": step, "phase": phase})
         if lease is not None:

@@ -225,7 +225,7 @@ class StopControl:
     thread, and makes this the active control for `phase()`. On a request the watchdog
     ends the process with `exit_code` at once if the current phase is abortable, else
     after `deadline_s` unless the process has ended by then. Before such an exit the
-    `on_abort(phase_name)` hooks run (each bounded to a couple of seconds), and one line
+    `on_abort(phase_name)` hooks run (each bounded to 3 s), and one line
     naming the phase goes to stderr. `requested()` and `reason` work like `StopSignal`'s,
     so the step loop can stop cooperatively.
 
@@ -311,7 +311,7 @@ class StopControl:
         for fn in self._hooks:
             t = threading.Thread(target=self._run_hook, args=(fn, name), daemon=True)
             t.start()
-            t.join(timeout=2.0)
+            t.join(timeout=3.0)
         try:
             print(f"stopped by {self.reason or 'request'} during {name} ({waited:.1f} s after the "
                   f"request); what was committed is kept: rerun the same command to resume.",
