@@ -255,6 +255,8 @@ def raylet_node_ips(roots: tuple[str, ...] = ()) -> dict[int, str]:
             if (d / "comm").read_text().strip() != "raylet":
                 continue
             argv = [a for a in (d / "cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+            if not argv:  # exiting (a zombie has no command line): it binds nothing any more
+                continue
             pid, ours = int(d.name), any(r and r in a for r in roots for a in argv)
             p = pid
             while not ours and p > 1:
