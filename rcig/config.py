@@ -296,9 +296,9 @@ PRESETS: dict[str, DistillConfig] = {
 # ---- laptop presets: each dataset's shape, 1 ipc in minutes on 2 CPU cores ----------
 # The paper's presets (width 128, 10000 steps) need minutes per step on a CPU. These keep
 # the algorithm whole (inner loop, H-solve, implicit gradient, pool, learned labels) and
-# shrink what costs: width 8 (4 for 64 px), real batch 256 (128 for 64 px), a 10-model
-# pool, 300 outer steps (fewer for 100/200 classes), evaluation at the same width without
-# augmentation (as `digits`). `rcig distill` picks them when no accelerator is present
+# shrink what costs: width 8 (4 for 100/200 classes), real batch 256 (64 for 64 px), a
+# 10-model pool, 300 outer steps (fewer for 100/200 classes), evaluation at the same width
+# without augmentation (as `digits`), 1000 steps. `rcig distill` picks them when no accelerator is present
 # (`laptop_preset`); `--preset <paper preset>` restores the paper's. Measured on this
 # project's data only (the bundled digits, resized/channel-replicated to each shape, which
 # is not the real dataset): BENCHMARKS.md, "Laptop presets".
@@ -312,7 +312,8 @@ def _laptop(name: str, *, width: int, steps: int, flip: bool, real_batch: int = 
         hinv=HinvConfig(n_steps=n_loop),
         outer=OuterConfig(real_batch_size=real_batch, use_flip=flip),
         pool=PoolConfig(model_count=10),
-        eval=EvalConfig(protocol="noaug", aug=_FULL_AUG if flip else "crop_rotate_translate_cutout", batch_size=256),
+        eval=EvalConfig(protocol="noaug", aug=_FULL_AUG if flip else "crop_rotate_translate_cutout", batch_size=256,
+                        steps=1000),
         checkpoint=CheckpointConfig(every_steps=50),
     )
 
@@ -320,9 +321,12 @@ def _laptop(name: str, *, width: int, steps: int, flip: bool, real_batch: int = 
 PRESETS.update({
     "laptop_mnist": _laptop("laptop_mnist", width=8, steps=300, flip=False),  # MNIST, Fashion-MNIST
     "laptop_cifar10": _laptop("laptop_cifar10", width=8, steps=300, flip=True),
-    "laptop_cifar100": _laptop("laptop_cifar100", width=8, steps=150, flip=True),
-    "laptop_tiny": _laptop("laptop_tiny", width=4, steps=60, flip=True, real_batch=128, n_loop=10,
-                           softplus_temp=0.0),
+    # 100/200 classes: the support set is 10-20x larger, so narrower, no flips (half the
+    # rows), shorter inner loop and H-solve, fewer steps (dry-run estimates: BENCHMARKS.md)
+    "laptop_cifar100": _laptop("laptop_cifar100", width=4, steps=150, flip=False, n_loop=10),
+    "laptop_tiny": replace(_laptop("laptop_tiny", width=4, steps=40, flip=False, real_batch=64, n_loop=5,
+                                   softplus_temp=0.0), eval=EvalConfig(protocol="noaug", runs=3, steps=500,
+                                                                       aug="crop_rotate_translate_cutout")),
 })
 
 LAPTOP_PRESETS: dict[str, str] = {
