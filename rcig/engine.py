@@ -186,7 +186,9 @@ class Engine:
         if self.ctx.faithful_e2 or not (self.ctx.inner_sub is None or self.ctx.inner_sub >= state["coreset"]["x"].shape[0]):
             return None  # the first loss is on a subset (or a drifting base): only finiteness is checked
         want = float(self._first_loss(state["pool"]["params"], jnp.int32(int(m["pool/model"])), state["coreset"]))
-        return _mismatch("first inner loss", m["inner/loss_first"], want)
+        # bf16 convolutions round differently in the two programs; garbage is off by orders of magnitude
+        return _mismatch("first inner loss", m["inner/loss_first"], want,
+                         rtol=1e-3 if self.cfg.compute_dtype == "float32" else 5e-2)
 
     def compile_step(self, state: dict, batch: dict):
         """AOT-compiled step (for cost analysis); does not run it."""
