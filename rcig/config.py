@@ -528,8 +528,8 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.eval.probe_steps >= 1, "eval.probe_steps", "must be >= 1"),
         (cfg.eval.probe_runs >= 1, "eval.probe_runs", "must be >= 1"),
         (cfg.eval.probe_lr > 0, "eval.probe_lr", "must be > 0"),
-        (cfg.eval.every_steps == 0 or cfg.val.fraction > 0, "eval.every_steps",
-         "needs a validation split (val.fraction > 0)"),
+        (cfg.eval.every_steps == 0 or (cfg.val.fraction > 0 and cfg.val.max_images > 0), "eval.every_steps",
+         "needs a validation split (val.fraction > 0 and val.max_images > 0)"),
     ]
     for ok, key, msg in checks:
         if not ok:

@@ -72,6 +72,8 @@ def test_split_config_is_checked_and_a_class_keeps_ipc_images():
         make_config("digits", 1, overrides=["val.fraction=1.5"])
     with pytest.raises(ConfigError, match="eval.every_steps"):
         make_config("digits", 1, overrides=["val.fraction=0", "eval.every_steps=10"])
+    with pytest.raises(ConfigError, match="eval.every_steps"):
+        make_config("digits", 1, overrides=["val.max_images=0", "eval.every_steps=10"])
     y = np.repeat(np.arange(2), [50, 3])
     with pytest.raises(DatasetError, match="classes \\[1\\]"):
         val_split(y, "toy", fraction=0.5, min_per_class=3)
