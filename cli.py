@@ -129,8 +129,13 @@ def distill_cmd(
         # A stop request (SIGTERM/SIGINT, GCE notice) is honoured in every phase: the
         # step loop checkpoints and returns; elsewhere the process exits 75 at once.
         with GcePreemptionWatcher() as gce, StopControl(sources=(gce,)) as stop:
-            res = run_distillation(cfg, out, restart=restart, force=force, run_eval=not no_eval,
-                                   stop_requested=stop.requested, progress=not quiet)
+            held = _take_run_folder(out)
+            stop.add_abort_hook(lambda phase: held.release())
+            try:
+                res = run_distillation(cfg, out, restart=restart, force=force, run_eval=not no_eval,
+                                       stop_requested=stop.requested, progress=not quiet)
+            finally:
+                held.release()
     except Exception as e:  # user-facing: one line, no traceback
         if os.environ.get("RCIG_DEBUG"):
             raise
@@ -148,6 +153,18 @@ def distill_cmd(
                    f"{ev['mean']:.4f} ± {ev['std']:.4f}" + (f" vs random {base['mean']:.4f} ± {base['std']:.4f}" if base else ""))
     typer.echo(f"done: {res.step} steps in {res.wall_s:.1f} s; files in {res.out_uri}")
     typer.echo(f"next: rcig eval {res.out_uri}   (or open {res.out_uri}/distilled.png)")
+
+
+def _take_run_folder(out: str):
+    """The run folder's lease (one writer at a time): waits out a holder that was killed
+    (its lease goes stale within 3 heartbeats), refuses one that is alive."""
+    from rcig import lease
+
+    def lost(why: str) -> None:  # another process took the folder: stop writing at once
+        typer.echo(f"error: {why}", err=True)
+        os._exit(77)
+
+    return lease.acquire(out, wait_s=lease.stale_after_s() + 1, on_lost=lost)
 
 
 # ---- end section: distill -----------------------------------------------------------

@@ -142,3 +142,26 @@ def test_trial_worker_refuses_a_folder_held_by_a_live_attempt(tmp_path):
     assert sorted(os.listdir(folder)) == ["lease.json"]  # nothing else written
     assert not held.lost.is_set()
     held.release()
+
+
+@pytest.mark.slow
+def test_rcig_distill_refuses_a_run_folder_another_live_run_writes(tmp_path):
+    """Two `rcig distill --out DIR` at once: the second waits out the stale period, sees a
+    live holder and refuses in one line; the first finishes untouched."""
+    rcig = os.path.join(os.path.dirname(sys.executable), "rcig")
+    out = str(tmp_path / "run")
+    env = dict(_env(), RCIG_LEASE_HEARTBEAT_S="0.5")
+    cmd = [rcig, "distill", "--out", out, "--quiet", "--no-eval", "--set", "steps=30",
+           "--set", "model.width=8", "--set", "pool.model_count=2", "--set", "lr_tune.skip=true",
+           "--set", "outer.real_batch_size=64"]
+    first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(lease.lease_uri(out)) and time.time() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    assert "in use by" in second.stderr and "Traceback" not in second.stderr, second.stderr
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    doc = json.loads(storage.read_text(lease.lease_uri(out)))
+    assert doc["released"] and doc["pid"] == first.pid
