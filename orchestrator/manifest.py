@@ -87,7 +87,7 @@ class TrialRecord:
 
     key: str
     params: dict[str, Any]
-    fingerprint: str
+    fingerprint: str  # rcig.config.identity_hash of the config
     config: dict[str, Any]
     sample: int | str | None = None  # which sample of a repeated point (None: the only one)
     status: str = PENDING

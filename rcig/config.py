@@ -217,10 +217,6 @@ class DistillConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "DistillConfig":
         return _from_dict(cls, d, prefix="")
 
-    def fingerprint(self) -> str:
-        """Short stable hash of the resolved config (used for trial identity)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:10]
-
 
 # ---- the paper's presets (rcig-algorithm.md §11.1), and the embedded default -------
 _FULL_AUG = "flip_color_crop_rotate_translate_cutout"

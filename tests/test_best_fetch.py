@@ -22,7 +22,7 @@ from orchestrator import manifest as mf
 from orchestrator.results import best, committed_steps, fetch
 from rcig import storage
 from rcig.checkpoint import CheckpointStore
-from rcig.config import make_config
+from rcig.config import make_config, identity_hash
 
 SPEC = {"name": "bf", "base": {"dataset": "digits", "ipc": 1}, "metric": "eval/mean", "mode": "max",
         "search": {"space": {"outer.proto_lr": {"grid": [0.001, 0.003]}}}}
@@ -37,7 +37,7 @@ def _trial(sweep: str, lr: float, mean: float, base_mean: float | None) -> str:
     ev = {"mean": mean, "std": 0.01, "accs": [mean], "protocol": "noaug", "runs": 1}
     if base_mean is not None:
         ev["baseline"] = {"mean": base_mean, "std": 0.02, "accs": [base_mean]}
-    rec = mf.TrialRecord(key=key, params=params, fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
+    rec = mf.TrialRecord(key=key, params=params, fingerprint=identity_hash(cfg), config=cfg.to_dict(),
                          status=mf.COMPLETED, step=10, eval=ev)
     tdir = mf.trial_uri(sweep, key)
     buf = io.BytesIO()

@@ -15,7 +15,7 @@ import cli
 from orchestrator import manifest as mf
 from orchestrator.results import best, fetch
 from rcig import storage
-from rcig.config import make_config
+from rcig.config import make_config, identity_hash
 
 SPEC = {"name": "bv", "base": {"dataset": "digits", "ipc": 1}, "metric": "val/acc", "mode": "max",
         "search": {"space": {"outer.proto_lr": {"grid": [0.001, 0.003, 0.01]}}}}
@@ -31,7 +31,7 @@ def _trial(sweep: str, lr: float, val: float | None, test: float | None, status:
         ev = {"mean": test, "std": 0.01, "accs": [test], "val": {"mean": val, "std": 0.02, "accs": [val]},
               "val_mean": val, "baseline": {"mean": 0.55, "std": 0.03, "accs": [0.55], "val_mean": 0.58}}
     metrics = {"val/acc": probe, "val/step": 5.0} if probe is not None else {}
-    rec = mf.TrialRecord(key=key, params=params, fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
+    rec = mf.TrialRecord(key=key, params=params, fingerprint=identity_hash(cfg), config=cfg.to_dict(),
                          status=status, step=10 if ev else 5, eval=ev, metrics=metrics)
     tdir = mf.trial_uri(sweep, key)
     buf = io.BytesIO()

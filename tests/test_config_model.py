@@ -15,7 +15,6 @@ def test_every_preset_builds_and_round_trips(name):
     cfg = make_config("cifar10", 1, preset=name)
     assert cfg.preset == name
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg
-    assert len(cfg.fingerprint()) == 10
 
 
 def test_presets_fix_the_released_defects():

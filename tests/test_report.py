@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from orchestrator import manifest as mf
 from orchestrator.report import build_report, default_out, write_report
 from rcig import storage
-from rcig.config import make_config
+from rcig.config import make_config, identity_hash
 from rcig.export import image_grid_png, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _write_trial(sweep: str, lr: float, state: str, mean: float | None, steps: i
     params = {"outer.proto_lr": lr}
     cfg = make_config("digits", IPC, overrides=[f"outer.proto_lr={lr}", "steps=20"])
     key = mf.trial_key(params, cfg)
-    rec = mf.TrialRecord(key=key, params=params, fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
+    rec = mf.TrialRecord(key=key, params=params, fingerprint=identity_hash(cfg), config=cfg.to_dict(),
                          status=state, step=steps or None, accelerator_s=900.0 * (seed + 1))
     tdir = mf.trial_uri(sweep, key)
     rng = np.random.default_rng(seed)
