@@ -9,7 +9,11 @@ The step itself (`rcig.step.outer_step`) knows nothing of devices. Here:
   cross-device collectives (feature all-gathers for the kernels, sums over rows);
 - the step is jitted once with the state donated, and its key is derived on device from
   the state (`fold_in(rng, step)`), so a step needs no host round trip;
-- the learning-rate search of §8.2 runs a jitted one-step probe, compiled once.
+- the learning-rate search of §8.2 (`rcig.lr_search`) runs jitted probes: the inner loop
+  alone for the inner rate; for the H-solve rate, delta*, theta0' and g_t once, then the
+  H-solve alone per candidate;
+- loops are unrolled on CPU (`resolve_loop`), and the first step is checked against a
+  loop-free value, falling back to scans on a bad compile (`Engine.step`).
 """
 
 from __future__ import annotations
