@@ -1,14 +1,30 @@
 """`rcig`: the command-line entry point. Only assembles the Typer app.
 
 Each command is a thin shell over one library function (in `rcig/` or `orchestrator/`)
-whose docstring is its help. Sections below are owned by different parts of the project.
+whose docstring is its help.
+
+Exit codes (every error is one line, `error: ...`; the traceback only with RCIG_DEBUG=1):
+
+    0    done
+    1    a local run, eval, report or cluster command failed, or `doctor` found problems
+    2    a sweep command (launch, resume, status, best, fetch) could not start or read
+         the sweep, or the sweep ended with trials in ERROR
+    75   stopped on request (SIGTERM/SIGINT, a GCE notice) with its work committed:
+         rerun the same command to resume
+    77   the run folder's lease was taken over by another process (this one stopped writing)
+    130  interrupted (Ctrl-C) where nothing is kept
 """
 
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import typer
+
+# Options and arguments shared by several commands.
+SweepArg = Annotated[str, typer.Argument(help="Sweep name (under the default root, $RCIG_SWEEP_ROOT or ./sweep_results) or its URI.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 app = typer.Typer(
     name="rcig",
@@ -80,6 +96,14 @@ def _fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _fail_one_line(e: BaseException, code: int = 1, *, with_type: bool = True) -> None:
+    """An unexpected error as one line (`Type: message`); re-raised with RCIG_DEBUG=1."""
+    if os.environ.get("RCIG_DEBUG"):
+        raise e
+    msg = " ".join(str(e).split())
+    _fail(f"{type(e).__name__}: {msg}" if with_type else msg, code)
+
+
 @app.command("distill")
 def distill_cmd(
     dataset: str = typer.Option("digits", help="Dataset name: digits (bundled), mnist, fashion_mnist, cifar10, cifar100, tiny_imagenet, npz."),
@@ -137,9 +161,7 @@ def distill_cmd(
             finally:
                 held.release()
     except Exception as e:  # user-facing: one line, no traceback
-        if os.environ.get("RCIG_DEBUG"):
-            raise
-        _fail(f"{type(e).__name__}: {' '.join(str(e).split())}")
+        _fail_one_line(e)
     if res.status == "preempted":
         typer.echo(f"stopped by signal at step {res.step}; checkpoint committed at step {res.checkpoint_step}. "
                    f"Rerun the same command to resume.", err=True)
@@ -210,15 +232,11 @@ def eval_cmd(
         res = evaluate_source(source, runs=runs, protocol=protocol, baseline=baseline,
                               data_dir=data_dir, steps=steps)
     except _eval_user_errors() as e:
-        if os.environ.get("RCIG_DEBUG"):
-            raise
-        _fail(" ".join(str(e).split()))
+        _fail_one_line(e, with_type=False)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as e:  # anything else: still one line (the traceback with RCIG_DEBUG=1)
-        if os.environ.get("RCIG_DEBUG"):
-            raise
-        _fail(f"{type(e).__name__}: {' '.join(str(e).split())}")
+        _fail_one_line(e)
     if as_json:
         typer.echo(_json.dumps(res, indent=2))
         return
@@ -312,7 +330,7 @@ def sweep_launch_cmd(
 
 @sweep_app.command("resume")
 def sweep_resume_cmd(
-    sweep: str = typer.Argument(..., help="Sweep name (under the default root) or its URI."),
+    sweep: SweepArg,
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)."),
     shared_storage: bool = typer.Option(False, "--shared-storage", help="With --address: the sweep's local folder is a mount every node shares (NFS)."),
 ):
@@ -335,8 +353,8 @@ def _fmt(v, spec: str = ".4f", none: str = "-") -> str:
 
 @sweep_app.command("status")
 def sweep_status_cmd(
-    sweep: str = typer.Argument(..., help="Sweep name or URI."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    sweep: SweepArg,
+    as_json: JsonOpt = False,
 ):
     """Per trial: state, step, metrics, checkpoint step, preemptions, failures, accelerator-hours (storage only, no Ray).
 
@@ -380,8 +398,8 @@ def sweep_status_cmd(
 
 @sweep_app.command("doctor")
 def sweep_doctor_cmd(
-    sweep: str = typer.Argument(..., help="Sweep name or URI."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    sweep: SweepArg,
+    as_json: JsonOpt = False,
 ):
     """List what needs attention: damaged records, held or stale leases, trials RUNNING
     with no update, missing checkpoints or folders (storage only, no Ray). Exit 1 if any
@@ -409,10 +427,10 @@ def sweep_doctor_cmd(
 
 @app.command("best")
 def best_cmd(
-    sweep: str = typer.Argument(..., help="Sweep name or URI."),
+    sweep: SweepArg,
     metric: str = typer.Option(None, "--metric", help="Rank by this metric (default: the spec's validation metric, val/acc)."),
     top: int = typer.Option(5, "--top", help="How many trials to show."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: JsonOpt = False,
 ):
     """Leaderboard of a sweep, best first by validation accuracy, with test accuracy and the
     random-real baseline (validation / test) beside it, accelerator-hours and cost. A
@@ -448,7 +466,7 @@ def best_cmd(
 
 @app.command("fetch")
 def fetch_cmd(
-    sweep: str = typer.Argument(..., help="Sweep name or URI."),
+    sweep: SweepArg,
     to: str = typer.Option(..., "--to", help="Local folder to copy the files into."),
     trial: str = typer.Option(None, "--trial", help="Trial key (or unique prefix); default: the best."),
 ):
@@ -475,7 +493,7 @@ def fetch_cmd(
 # ---- section: report ----------------------------------------------------------------
 @app.command("report")
 def report_cmd(
-    sweep: str = typer.Argument(..., help="Sweep name (under the default root) or its URI."),
+    sweep: SweepArg,
     out: str = typer.Option(None, "--out", help="HTML file to write (path or URI; default: <sweep>/report.html when local, else ./<name>-report.html)."),
     open_: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
 ):
@@ -492,9 +510,7 @@ def report_cmd(
         rep = build_report(sweep)
         dest = write_report(rep, out or default_out(rep))
     except (ManifestError, ReportError, StorageError, FileNotFoundError) as e:
-        if os.environ.get("RCIG_DEBUG"):
-            raise
-        _fail(" ".join(str(e).split()))
+        _fail_one_line(e, with_type=False)
     for note in rep.notes:
         typer.echo(f"note: {note}", err=True)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(rep.counts.items()))
