@@ -212,7 +212,7 @@ def eval_cmd(
     data_dir: str = typer.Option(None, "--data-dir", help="Folder or gs:// URI holding the dataset files (default: the run config's)."),
     steps: int = typer.Option(None, "--steps", help="Training steps per network (default: the spec's 1000 if N == 10 else 2000)."),
 ):
-    """Evaluate a distilled set: train fresh ReLU ConvNets on it (spec §10) and report test
+    """Evaluate a distilled set: train fresh ReLU ConvNets on it (docs/algorithm.md §10) and report test
     accuracy, next to a random real subset of the same size trained the same way.
 
     Example: rcig eval runs/digits_ipc1_seed0 --runs 5

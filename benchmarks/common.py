@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ANCHOR_DEVICE = "H200"  # the device of performance-anchors.md
+ANCHOR_DEVICE = "H200"  # the device of docs/performance.md
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Setting:
     anchor_compile_s: float | None = None
 
 
-# performance-anchors.md: every 8/28/32-px setting is `depth_3` with flips (depth 2 at
+# docs/performance.md: every 8/28/32-px setting is `depth_3` with flips (depth 2 at
 # 8 px); Tiny-ImageNet is `depth_4_200`. `digits` is this project's embedded preset.
 SETTINGS: dict[str, Setting] = {
     s.name: s

@@ -110,7 +110,7 @@ def flops_only(s: common.Setting, opts) -> dict:
             "anchor": {"s_per_step": s.anchor_s, "compile_s": s.anchor_compile_s, "device": common.ANCHOR_DEVICE}}
 
 
-# performance-anchors.md: the H200's measured 3x3 conv rate, f32 default precision
+# docs/performance.md: the H200's measured 3x3 conv rate, f32 default precision
 ANCHOR_CONV_FLOPS = 362e12
 
 

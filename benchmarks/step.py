@@ -1,6 +1,6 @@
 """Outer-step speed, compile time, LR-tuning time and memory for the anchored settings.
 
-For each setting (synthetic data of its shape, the preset of performance-anchors.md):
+For each setting (synthetic data of its shape, the preset of docs/performance.md):
 LR tuning (bounded by --tune-probes), AOT compile of the step, the first step, --warmup
 untimed steps, then --steps timed steps (each synced; median reported) and the same
 number dispatched back to back (pipelined mean). The original's s/step and compile are

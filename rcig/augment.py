@@ -1,4 +1,4 @@
-"""Evaluation-time augmentations of rcig-algorithm.md §10.4, in whitened (model) space.
+"""Evaluation-time augmentations of docs/algorithm.md §10.4, in whitened (model) space.
 
 The ops are named in a `test_aug` string joined by "_" (e.g.
 ``"flip_color_crop_rotate_translate_cutout"``). `augment_batch` picks exactly ONE op per

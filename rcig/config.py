@@ -2,7 +2,7 @@
 
 One `DistillConfig` describes a run completely. The six `configs_final` settings of the
 original code are named presets (`PRESETS`), fixed where the released files were broken
-(rcig-algorithm.md §11.1/E7: `pool_model_count` is 30 and `pool_train_batch_size` is
+(docs/algorithm.md §11.1/E7: `pool_model_count` is 30 and `pool_train_batch_size` is
 None for `cifar100_50` and `depth_4_big`). A seventh preset, `digits`, is this project's
 embedded default: a small network sized so a run finishes in minutes on 2 CPU cores.
 
@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """ConvNet of rcig-algorithm.md §2 (FRePo's doubling-width variant)."""
+    """ConvNet of docs/algorithm.md §2 (FRePo's doubling-width variant)."""
 
     width: int = 128
     depth: int | None = None  # None: from the image side (8->2, 28/32->3, 64->4, 128->5)
@@ -218,7 +218,7 @@ class DistillConfig:
         return _from_dict(cls, d, prefix="")
 
 
-# ---- the paper's presets (rcig-algorithm.md §11.1), and the embedded default -------
+# ---- the paper's presets (docs/algorithm.md §11.1), and the embedded default -------
 _FULL_AUG = "flip_color_crop_rotate_translate_cutout"
 
 PRESETS: dict[str, DistillConfig] = {

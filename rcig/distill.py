@@ -12,7 +12,7 @@ Writes to `out_uri` (local path, file:// or gs://):
 Init order (resume by rerunning the same command):
     1. this run folder's own latest committed checkpoint (the same run by
        `rcig.config.run_differences`; `steps` may change), else
-    2. a fresh state: real images per class, the LR search (§8.2) or, when this run's
+    2. a fresh state: real images per class, the LR search (docs/algorithm.md §8.2) or, when this run's
        tuning.json is there, its result, then a checkpoint at step 0; a restart never
        re-tunes. A folder without checkpoints that holds another run's files is refused
        (`--restart` moves them aside).

@@ -200,7 +200,7 @@ class Engine:
 
     def tune_learning_rates(self, coreset: dict, batch: dict, key, inner_lr: float, hvp_lr: float,
                             should_stop: Callable[[], bool] | None = None) -> dict:
-        """§8.2 search (`rcig.lr_search`) with this engine's probes.
+        """docs/algorithm.md §8.2 search (`rcig.lr_search`) with this engine's probes.
 
         Probes: one step on a single fresh model (the same key every time) and the same
         real batch; the inner search uses the inner-loop label, the H-solve search the

@@ -1,4 +1,4 @@
-"""Evaluation of a distilled set (rcig-algorithm.md §10): train fresh ConvNets on it.
+"""Evaluation of a distilled set (docs/algorithm.md §10): train fresh ConvNets on it.
 
 Protocol (`EvalConfig`, defaults = the original's):
 

@@ -11,7 +11,7 @@ from rcig import storage
 
 
 def distilled_arrays(ema_average: dict, dataset, cfg, step: int) -> dict[str, np.ndarray]:
-    """Arrays of distilled.npz from the EMA parameters (what evaluation uses, §6.2)."""
+    """Arrays of distilled.npz from the EMA parameters (what evaluation uses, docs/algorithm.md §6.2)."""
     x = np.asarray(ema_average["x"], np.float32)
     y = np.asarray(ema_average["y"], np.float32)
     return {

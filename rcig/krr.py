@@ -1,4 +1,4 @@
-"""The linearised network and the KRR losses of RCIG (rcig-algorithm.md §3-§5).
+"""The linearised network and the KRR losses of RCIG (docs/algorithm.md §3-§5).
 
 Predictions: g(x) = J(x)·delta + phi(x; theta0)^T W, with W solved in closed form.
 

@@ -1,4 +1,4 @@
-"""The pre-training learning-rate search (§8.2 of the algorithm notes) as a pure function.
+"""The pre-training learning-rate search (docs/algorithm.md §8.2 of the algorithm notes) as a pure function.
 
 The search knows nothing of JAX, devices or the step: it is given a *probe*, a callable
 that runs one short probe step per candidate learning rate and returns each candidate's

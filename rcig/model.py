@@ -1,4 +1,4 @@
-"""The ConvNet of rcig-algorithm.md §2 (FRePo's doubling-width variant), in Flax.
+"""The ConvNet of docs/algorithm.md §2 (FRePo's doubling-width variant), in Flax.
 
 Block i: 3x3 conv (stride 1, bias, 128*2^i channels; padding 1, except padding 3 when the
 network input has one channel and i == 0), optional normalisation (none by default),

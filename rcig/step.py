@@ -15,7 +15,7 @@ Order of operations (E11): inner loop -> inner-LR check -> meta step (direct gra
 H-solve, implicit gradient, clip, combine) -> AdaBelief update -> EMA -> pool training
 on the updated coreset -> pool reset check.
 
-Decisions on the original's sharp edges (rcig-algorithm.md §13):
+Decisions on the original's sharp edges (docs/algorithm.md §13):
   E1  Dense-kernel tangent: frozen at 0 in the inner loop by default
       (`faithful.dense_kernel_tangent="ascent"` replicates the raw-gradient ascent);
       the H-solve and implicit gradient always use the full tangent tree, as the original.

@@ -1,7 +1,7 @@
 """The intermediate validation metric: a cheap, honest estimate of the distilled set's quality.
 
 Every `eval.every_steps` outer steps a run trains `eval.probe_runs` fresh evaluation
-networks (the §10 protocol of `rcig.evaluate`: same network, optimiser, schedule shape,
+networks (the docs/algorithm.md §10 protocol of `rcig.evaluate`: same network, optimiser, schedule shape,
 augmentation) for `eval.probe_steps` steps at `eval.probe_lr` (100 steps at 1e-2: a
 short run needs a larger step than the full evaluation's 1e-4) on the current EMA
 distilled set, and scores

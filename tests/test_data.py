@@ -321,7 +321,7 @@ def test_cifar10_tarball_and_extracted_folder(tmp_path, protocol, bytes_keys):
 
 
 def test_cifar10_whitened_training_covariance(tmp_path):
-    """Loaded training data: cov = Sigma (Sigma + rI)^-1 with the spec's constants (§1.5, §12)."""
+    """Loaded training data: cov = Sigma (Sigma + rI)^-1 with the spec's constants (docs/algorithm.md §1.5, §12)."""
     from tests.test_data_preprocess import _cov, _expected_whitened_cov
 
     members, (x_tr, *_rest) = cifar_members("cifar10", n_train=24)

@@ -1,4 +1,4 @@
-"""Pre-processing (§1.5): standardisation, ZCA whitening, inverse transform, ZCA cache."""
+"""Pre-processing (docs/algorithm.md §1.5): standardisation, ZCA whitening, inverse transform, ZCA cache."""
 
 from __future__ import annotations
 

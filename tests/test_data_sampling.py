@@ -13,7 +13,7 @@ def test_shifted_one_hot_values_and_row_sums():
     assert y.dtype == np.float32 and y.shape == (3, 4)
     np.testing.assert_allclose(y[1], [-0.25, -0.25, -0.25, 0.75])
     np.testing.assert_allclose(y.sum(1), 0.0, atol=1e-6)
-    # §1.4: the outer CE recovers a plain one-hot by subtracting the batch minimum.
+    # docs/algorithm.md §1.4: the outer CE recovers a plain one-hot by subtracting the batch minimum.
     np.testing.assert_allclose(y - y.min(), np.eye(4)[[0, 3, 1]], atol=1e-6)
     with pytest.raises(DatasetError, match="labels must lie in"):
         shifted_one_hot(np.array([4]), 4)

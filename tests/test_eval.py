@@ -1,4 +1,4 @@
-"""Evaluation stage (spec §10): augmentations, the training protocol, `rcig eval`.
+"""Evaluation stage (docs/algorithm.md §10): augmentations, the training protocol, `rcig eval`.
 
 Everything runs on the embedded 8x8 digits with tiny step counts and a small network.
 """

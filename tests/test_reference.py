@@ -1,6 +1,6 @@
 """Faithfulness: rcig's pieces reproduce ONE outer step of the original RCIG code.
 
-Reference data and tolerances: ../shared/data/rcig-reference/README.md (§6). Each stage is
+Reference data and tolerances: tests/data/rcig-reference/README.md and docs/algorithm.md §13.18. Each stage is
 fed the reference inputs of that stage, so errors do not mix. rcig's default mode must
 match `varB/` (Dense-kernel tangent frozen in the inner loop, E1); its faithful E1 mode
 (`dense_kernel_tangent="ascent"`) must match `out/`.

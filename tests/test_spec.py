@@ -128,7 +128,7 @@ def test_shipped_spec_validates(path):
     assert spec.grid_size() >= 1
 
 
-PAPER = {  # (dataset, ipc) -> (preset, steps), rcig-algorithm.md §11.2/§11.3
+PAPER = {  # (dataset, ipc) -> (preset, steps), docs/algorithm.md §11.2/§11.3
     ("mnist", 1): ("depth_3_no_flip", 10000), ("mnist", 10): ("depth_3_no_flip", 10000),
     ("mnist", 50): ("depth_3_no_flip", 10000), ("fashion_mnist", 1): ("depth_3_no_flip", 10000),
     ("fashion_mnist", 10): ("depth_3_no_flip", 10000), ("fashion_mnist", 50): ("depth_3_no_flip", 10000),

@@ -1,4 +1,4 @@
-"""Datasets, pre-processing and sampling for RCIG (spec §1.3-1.6, §12).
+"""Datasets, pre-processing and sampling for RCIG (docs/algorithm.md §1.3-1.6, §12).
 
 Example:
     >>> from rcig.data import load_dataset, real_batch_indices, shifted_one_hot

@@ -1,4 +1,4 @@
-"""The `Dataset` record and `load_dataset`, the registry of named datasets (§12)."""
+"""The `Dataset` record and `load_dataset`, the registry of named datasets (docs/algorithm.md §12)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pre-processing (§1.5): per-channel standardisation, then ZCA whitening where the spec says.
+"""Pre-processing (docs/algorithm.md §1.5): per-channel standardisation, then ZCA whitening where the spec says.
 
 Pixels enter in [0, 1] scale (the loaders divide by 255, or by 16 for `digits`). The
 `Preprocessor` maps [0,1]-scale pixels to model space (`from_pixels`) and back

@@ -1,4 +1,4 @@
-"""Labels and index sampling: shifted one-hot (§1.4), real batches (§1.6), init (§1.3).
+"""Labels and index sampling: shifted one-hot (docs/algorithm.md §1.4), real batches (§1.6), init (§1.3).
 
 Everything here is a pure function of its arguments (seeds included), so a run has no
 iterator state to checkpoint: the real batch of outer step ``s`` is
