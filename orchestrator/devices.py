@@ -58,6 +58,8 @@ def ray_bundle(resources: Any) -> dict[str, float]:
         {'CPU': 8.0, 'TPU': 4.0, 'accelerator_type:TPU-V4': 0.001}
         >>> ray_bundle({"cpu": 2})
         {'CPU': 2.0}
+        >>> ray_bundle({"cpu": 1, "custom": {"TPU-v4-8-head": 1}})
+        {'CPU': 1.0, 'TPU-v4-8-head': 1.0}
     """
     bundle = {ray_key: _amount(resources, ray_key) for ray_key in ("CPU", "GPU", "TPU")}
     bundle = {k: v for k, v in bundle.items() if v}
@@ -65,6 +67,9 @@ def ray_bundle(resources: Any) -> dict[str, float]:
            else getattr(resources, "accelerator_type", None))
     if acc:
         bundle[f"accelerator_type:{acc}"] = ACCELERATOR_TYPE_DEMAND
+    custom = (resources.get("custom") if isinstance(resources, Mapping)
+              else getattr(resources, "custom", None)) or {}
+    bundle.update({str(k): float(v) for k, v in custom.items()})
     return bundle
 
 

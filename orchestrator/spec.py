@@ -22,7 +22,7 @@ A spec (all keys but ``name`` and ``base.dataset`` optional)::
     num_samples: 1                                 # repeats of the grid (random draws); repeat k
                                                    # has its own folder and seed (seed + k)
     max_concurrent: 2
-    resources: {cpu: 1, gpu: 0, tpu: 0, accelerator_type: null}
+    resources: {cpu: 1, gpu: 0, tpu: 0, accelerator_type: null, custom: {}}
     scheduler: none                                # or {type: asha, metric, mode, ...}
     metric: val/acc                                # selection metric (validation accuracy)
     mode: max
@@ -295,9 +295,18 @@ class Resources(_Block):
                           f"chips per trial must be one of {list(TPU_CHIP_OPTIONS)}, got {v!r}")
     accelerator_type: str | None = spec_field(
         None, check=lambda v: None if v else "must be a string such as A100 or TPU-V4")
+    # Custom Ray resources a trial's node must offer (e.g. a TPU slice head's
+    # `TPU-v4-8-head: 1`, or a label a node pool advertises): name -> amount.
+    custom: dict[str, Any] = spec_field(default_factory=dict,
+                                        parse=_mapping_of_str_keys("Ray resource names to amounts"))
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
+        for name, amount in self.custom.items():
+            if name.upper() in ("CPU", "GPU", "TPU", "MEMORY") or name.startswith("accelerator_type:"):
+                out.append((f"custom.{name}", "set it with resources.cpu/gpu/tpu/accelerator_type"))
+            elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+                out.append((f"custom.{name}", f"must be a number > 0, got {amount!r}"))
         if self.gpu and self.tpu:
             out.append(("", "ask for gpu or tpu, not both"))
         if self.accelerator_type and not (self.gpu or self.tpu):

@@ -157,6 +157,36 @@ def test_cpu_sweep_scales_from_zero_keeps_max_concurrent_and_scales_down(cluster
           f"{time.time() - t_down:.1f} s after it ended")
 
 
+def test_accelerator_host_sweep_scales_its_type_from_zero_and_back(cluster, tmp_path):
+    """A sweep whose trials need the accelerator host's own resource (a TPU slice head's
+    `TPU-v4-8-head`, through `resources.custom`) scales that node type up from zero, runs
+    there, finishes, and the node goes after. JAX runs on the host's CPU: no TPU chips here."""
+    _until(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
+    seen: dict[str, str] = {}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                seen.update({n["id"]: n["type"] for n in cluster.workers()})
+            except Exception:  # noqa: BLE001 - a node may vanish between calls
+                pass
+            time.sleep(0.2)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        out = launch(QUICKSTART, storage_uri=str(tmp_path), name="accsweep", address=cluster.address,
+                     shared_storage=True, sets=TINY + ["search.space={}", "resources.custom={TPU-v4-8-head: 1}"])
+    finally:
+        done.set()
+        th.join(timeout=5)
+    assert out.counts == {mf.COMPLETED: 1}, out
+    rec = mf.read_records(out.sweep_uri)[0]
+    assert rec.history and all(seen.get(h["node_id"]) == "tpu_worker" for h in rec.history), (rec.history, seen)
+    _until(lambda: not cluster.workers(), IDLE_S + 60, "the tpu_worker to be removed")
+
+
 def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)

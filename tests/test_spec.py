@@ -249,3 +249,12 @@ def test_spec_is_nested_frozen_dataclasses_with_config_coercion():
     # a search key that names no config field is one problem, not one per value
     lines = _problems(GOOD.replace("outer.proto_lr", "outer.proto_rate"))
     assert len([ln for ln in lines if "proto_rate" in ln]) == 1, lines
+
+
+def test_custom_resources_reach_the_bundle_and_bad_ones_are_refused():
+    spec = load_spec(ROOT / "sweeps/quickstart.yaml", sets=["resources.custom={TPU-v4-8-head: 1, spot: 0.5}"])
+    assert spec.ray_resources() == {"CPU": 1.0, "TPU-v4-8-head": 1.0, "spot": 0.5}
+    with pytest.raises(SpecError) as e:
+        load_spec(ROOT / "sweeps/quickstart.yaml", sets=["resources.custom={GPU: 1, x: 0, y: yes}"])
+    assert len(e.value.problems) == 3
+    assert any("resources.custom.GPU" in p for p in e.value.problems)
