@@ -27,7 +27,7 @@ import numpy as np
 
 from orchestrator import manifest as mf
 from orchestrator.locate import resolve_sweep
-from orchestrator.results import metric_value, ranking_metric, trial_row, with_reached
+from orchestrator.results import metric_value, price_of, ranking_metric, trial_row, with_reached
 from rcig import storage
 
 IN_PROGRESS = (mf.RUNNING, mf.PENDING, mf.PREEMPTED, mf.FAILED)
@@ -116,12 +116,6 @@ def _read_npz(uri: str) -> dict[str, np.ndarray]:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
-
-
-def _price(doc: dict[str, Any]) -> tuple[float | None, str]:
-    """(price per accelerator-hour, currency) from the spec's `cost` block."""
-    cost = (doc.get("spec") or {}).get("cost") or {}
-    return cost.get("per_accelerator_hour"), cost.get("currency", "USD")
 
 
 def _figures(view: TrialView, tdir: str) -> None:
@@ -217,7 +211,7 @@ def build_report(name_or_uri: str, figures: bool = True) -> Report:
     doc = mf.read_manifest(uri)
     spec = doc.get("spec") or {}
     mode = spec.get("mode", "max")
-    price, currency = _price(doc)
+    price, currency = price_of(doc)
     recs = with_reached(uri, mf.read_records(uri, []))
     metric = ranking_metric(spec.get("metric"), recs)
     if not recs:

@@ -37,7 +37,8 @@ class ResultsError(ValueError):
     """Nothing to show or fetch; the message says why and what to run."""
 
 
-def _price(doc: dict[str, Any]) -> tuple[float | None, str]:
+def price_of(doc: dict[str, Any]) -> tuple[float | None, str]:
+    """(price per accelerator-hour, currency) from a sweep manifest's `cost` block."""
     cost = (doc.get("spec") or {}).get("cost") or {}
     return cost.get("per_accelerator_hour"), cost.get("currency", "USD")
 
@@ -75,7 +76,7 @@ def status(name_or_uri: str) -> dict[str, Any]:
     """Sweep summary and one row per trial."""
     uri = resolve_sweep(name_or_uri)
     doc = mf.read_manifest(uri)
-    price, currency = _price(doc)
+    price, currency = price_of(doc)
     damaged: list[mf.DamagedRecord] = []
     recs = mf.read_records(uri, damaged)
     rows = [trial_row(r, price) for r in recs]
@@ -166,7 +167,7 @@ def best(name_or_uri: str, metric: str | None = None, top: int = 5,
     metric = metric or default
     mode = mode or (spec.get("mode", "max") if metric == default else
                     ("min" if "loss" in metric else "max"))
-    price, _ = _price(doc)
+    price, _ = price_of(doc)
     scored = [(metric_value(r, metric), r) for r in recs]
     scored = [(v, r) for v, r in scored if v is not None]
     if not scored:

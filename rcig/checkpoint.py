@@ -273,12 +273,18 @@ class CheckpointStore:
             self._mgr.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             self._pending = None
-            if not _save_retryable(e):
-                raise CheckpointError(f"{self.uri} step {step}: save failed: {e}") from e
-            log.warning("%s step %d: background save failed (%s); writing it again", self.uri, step, e)
-            self._retry("save", step, lambda: self._write_sync(step, state, config, final),
-                        on_error=lambda: self._delete_uncommitted(step), retryable=_save_retryable)
+            self._save_again(step, state, config, final, e, "background save failed")
         self._pending = None
+
+    def _save_again(self, step: int, state, config: dict, final: bool, exc: BaseException,
+                    what: str) -> None:
+        """A save hit a fault: write the step again, synchronously, with bounded retries
+        (or raise `CheckpointError` if the fault is not one a retry can cure)."""
+        if not _save_retryable(exc):
+            raise CheckpointError(f"{self.uri} step {step}: save failed: {exc}") from exc
+        log.warning("%s step %d: %s (%s); writing it again", self.uri, step, what, exc)
+        self._retry("save", step, lambda: self._write_sync(step, state, config, final),
+                    on_error=lambda: self._delete_uncommitted(step), retryable=_save_retryable)
 
     # ---- public API --------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -315,11 +321,7 @@ class CheckpointStore:
             self._launch(step, state, config, final)
         except Exception as e:  # noqa: BLE001 - the blocking part of the save hit a fault
             self._pending = None
-            if not _save_retryable(e):
-                raise CheckpointError(f"{self.uri} step {step}: save failed: {e}") from e
-            log.warning("%s step %d: save failed (%s); retrying", self.uri, step, e)
-            self._retry("save", step, lambda: self._write_sync(step, state, config, final),
-                        on_error=lambda: self._delete_uncommitted(step), retryable=_save_retryable)
+            self._save_again(step, state, config, final, e, "save failed")
             return True
         if not self.async_save:
             self._finish_pending()
