@@ -172,6 +172,11 @@ def trial_problems(raw: Mapping[str, Any], *, check_data: bool = False) -> list[
         problems.extend(_config_problems(tcfg, res, where))
     if check_data:
         problems.extend(_data_problems(cfg, where))
+    if (sched is not None and sched is not _BAD and getattr(sched, "metric", None) == "val/acc"
+            and cfg.eval.every_steps == 0):
+        problems.append("scheduler.metric: val/acc during the run needs eval.every_steps > 0 "
+                        "(the intermediate validation estimate); without it the scheduler "
+                        "never sees the metric and stops nothing")
     if sched is not None and sched is not _BAD and steps:
         entry = search_registry.SCHEDULERS.get(getattr(sched, "type", ""))
         if entry is not None and entry.trial_problems is not None:

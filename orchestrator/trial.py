@@ -293,6 +293,9 @@ def _run_child(rec: mf.TrialRecord, cfg, uri: str, ctx: TrialContext,
                 step = ev["step"]
                 metrics = {k: float(v) for k, v in ev["metrics"].items()}
                 news.update(step=step, metrics=metrics)
+                if ctx.spec.metric in metrics:  # a scheduler may stop the trial on this report:
+                    flush()                     # the record holds what it reached first
+                    last_write = time.time()
                 tune.report({**metrics, "step": step, **_pointer(rec, uri)})
             elif kind == "checkpoint":
                 news["checkpoint_step"] = rec.checkpoint_step = ev["step"]

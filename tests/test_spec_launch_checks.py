@@ -224,3 +224,15 @@ def test_one_bundle_function_and_rule_for_spec_and_cluster():
     for bad in ({"tpu": 3}, {"cpu": 0}, {"gpu": 1, "tpu": 4}):
         with pytest.raises(cluster.ClusterConfigError, match="resources"):
             cluster.bundle_from_resources(bad)
+
+
+def test_asha_on_val_acc_needs_the_intermediate_estimate():
+    """A scheduler selecting on val/acc during the run with eval.every_steps=0 would never
+    see its metric and stop nothing: refused at load."""
+    from orchestrator.spec import SpecError, load_spec
+
+    path = ROOT / "sweeps" / "digits_asha.yaml"
+    load_spec(path)  # as shipped: every_steps > 0
+    with pytest.raises(SpecError) as e:
+        load_spec(path, sets=["eval.every_steps=0"])
+    assert any("eval.every_steps > 0" in p for p in e.value.problems), e.value.problems
