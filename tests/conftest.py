@@ -59,6 +59,31 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def wait_for(pred, timeout: float, what: str, every: float = 0.2):
+    """Poll `pred()` until it returns something truthy (returned); AssertionError naming
+    `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def assert_same_distilled(a_path, b_path) -> None:
+    """Two distilled.npz files hold the same set (floats to 1e-5, the rest exactly)."""
+    import numpy as np
+
+    a, b = np.load(a_path), np.load(b_path)
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        if a[name].dtype.kind in "fc":
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def loopback_env() -> dict[str, str]:
     """Environment a subprocess (or Ray worker) needs to stay on loopback."""
     env = dict(_LOOPBACK_ENV)

@@ -27,7 +27,7 @@ from orchestrator.sweep import SweepError, init_ray, launch
 from orchestrator.preflight import preflight
 from orchestrator.spec import load_spec
 
-from conftest import AutoscalingRay, raylet_node_ips
+from conftest import AutoscalingRay, assert_same_distilled, raylet_node_ips, wait_for
 from test_sweep import QUICKSTART, TEST_ENV, TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -53,16 +53,6 @@ def cluster():
         c.stop()
 
 
-def _until(pred, timeout: float, what: str, every: float = 0.25):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _types(c) -> list[str]:
     return sorted(n["type"] for n in c.workers())
 
@@ -86,18 +76,18 @@ def test_preflight_rejects_what_no_node_type_holds_before_any_trial(cluster, tmp
 
 
 def test_preflight_accepts_an_accelerator_type_after_scale_up_from_zero(cluster):
-    _until(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
+    wait_for(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
     spec = load_spec(QUICKSTART, sets=["resources.tpu=4", "resources.accelerator_type=TPU-V4"])
     t0 = time.time()
     notes = preflight(spec, cluster.address)  # no live node holds it: the autoscaler decides
     assert any("tpu_worker" in n for n in notes), notes
-    _until(lambda: "tpu_worker" in _types(cluster), 60, "a tpu_worker node")
+    wait_for(lambda: "tpu_worker" in _types(cluster), 60, "a tpu_worker node")
     up = time.time() - t0
     tpu = next(n for n in cluster.workers() if n["type"] == "tpu_worker")
     assert tpu["resources"]["TPU"] == 4 and tpu["resources"]["accelerator_type:TPU-V4"] == 1
     assert set(raylet_node_ips((str(cluster.dir),)).values()) == {"127.0.0.1"}
     assert len(raylet_node_ips((str(cluster.dir),))) == 2  # head + the new node, both on loopback
-    _until(lambda: not cluster.workers(), IDLE_S + 60, "the idle tpu_worker to be removed")
+    wait_for(lambda: not cluster.workers(), IDLE_S + 60, "the idle tpu_worker to be removed")
     print(f"tpu_worker from zero: up {up:.1f} s after preflight; removed {time.time() - t0 - up:.1f} s later")
 
 
@@ -105,7 +95,7 @@ def test_cpu_sweep_scales_from_zero_keeps_max_concurrent_and_scales_down(cluster
     """3 trials of 1 CPU, max_concurrent=2, on 1-CPU nodes that start at zero: the
     autoscaler adds cpu_worker nodes and the trials run there, no more than 2 at once,
     never two on one node at once, and the nodes go after the sweep."""
-    _until(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
+    wait_for(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
     sweep = tmp_path / "asweep"
     seen: dict[str, str] = {}      # node id -> node type, while the sweep runs
     busy: list[int] = []           # trials running at once, sampled
@@ -151,7 +141,7 @@ def test_cpu_sweep_scales_from_zero_keeps_max_concurrent_and_scales_down(cluster
     assert sum(1 for t in seen.values() if t == "cpu_worker") >= 2, seen
     assert all(r.attempts == 1 and r.failures == 0 for r in recs)
     t_down = time.time()
-    _until(lambda: not cluster.workers(), IDLE_S + 60, "the cluster to scale back to zero workers")
+    wait_for(lambda: not cluster.workers(), IDLE_S + 60, "the cluster to scale back to zero workers")
     print(f"cpu sweep (3 trials, max_concurrent=2) from zero workers: first trial step "
           f"{first_step['t'] - t0:.1f} s after launch, sweep {wall:.1f} s, back to zero workers "
           f"{time.time() - t_down:.1f} s after it ended")
@@ -161,7 +151,7 @@ def test_accelerator_host_sweep_scales_its_type_from_zero_and_back(cluster, tmp_
     """A sweep whose trials need the accelerator host's own resource (a TPU slice head's
     `TPU-v4-8-head`, through `resources.custom`) scales that node type up from zero, runs
     there, finishes, and the node goes after. JAX runs on the host's CPU: no TPU chips here."""
-    _until(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
+    wait_for(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
     seen: dict[str, str] = {}
     done = threading.Event()
 
@@ -184,7 +174,7 @@ def test_accelerator_host_sweep_scales_its_type_from_zero_and_back(cluster, tmp_
     assert out.counts == {mf.COMPLETED: 1}, out
     rec = mf.read_records(out.sweep_uri)[0]
     assert rec.history and all(seen.get(h["node_id"]) == "tpu_worker" for h in rec.history), (rec.history, seen)
-    _until(lambda: not cluster.workers(), IDLE_S + 60, "the tpu_worker to be removed")
+    wait_for(lambda: not cluster.workers(), IDLE_S + 60, "the tpu_worker to be removed")
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -243,9 +233,7 @@ def test_node_terminated_by_the_provider_mid_trial_resumes_on_a_new_node(cluster
     drops to 0: the provider terminates it, as a cloud would a preempted VM); when the type
     may run again, a new node comes up and the trial resumes there from its checkpoint,
     ending equal to an uninterrupted run."""
-    import numpy as np
-
-    _until(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
+    wait_for(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
     sets = TINY + ["steps=40", "checkpoint.every_steps=5", "search.space={}"]
     sweep = str(tmp_path / "lossy")
     box: dict = {}
@@ -259,12 +247,12 @@ def test_node_terminated_by_the_provider_mid_trial_resumes_on_a_new_node(cluster
             r = recs[0] if recs else None
             return r if r and (r.checkpoint_step or 0) >= 5 and r.history and r.history[-1].get("node_id") else None
 
-        rec = _until(checkpointed, 300, "the first checkpoint")
+        rec = wait_for(checkpointed, 300, "the first checkpoint")
         victim = rec.history[-1]["node_id"]
         assert victim in {n["id"] for n in cluster.workers()}
         t_term = time.time()
         cluster.set_max_workers("cpu_worker", 0)
-        _until(lambda: victim not in {n["id"] for n in cluster.workers()}, 60, "the provider to end the node")
+        wait_for(lambda: victim not in {n["id"] for n in cluster.workers()}, 60, "the provider to end the node")
         t_gone = time.time()
         cluster.set_max_workers("cpu_worker", 2)
 
@@ -276,7 +264,7 @@ def test_node_terminated_by_the_provider_mid_trial_resumes_on_a_new_node(cluster
                 return time.time()
             return None
 
-        t_step = _until(resumed, 300, "the trial's next step on a new node")
+        t_step = wait_for(resumed, 300, "the trial's next step on a new node")
     finally:
         cluster.set_max_workers("cpu_worker", 2)
         th.join(timeout=600)
@@ -294,14 +282,8 @@ def test_node_terminated_by_the_provider_mid_trial_resumes_on_a_new_node(cluster
     ref = launch(QUICKSTART, storage_uri=str(tmp_path), name="steady", address=cluster.address,
                  shared_storage=True, sets=sets)
     assert ref.counts == {mf.COMPLETED: 1}
-    a = np.load(Path(sweep) / "trials" / rec.key / "distilled.npz")
-    b = np.load(tmp_path / "steady" / "trials" / rec.key / "distilled.npz")
-    assert sorted(a.files) == sorted(b.files)
-    for name in a.files:
-        if a[name].dtype.kind in "fc":
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
-        else:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_distilled(Path(sweep) / "trials" / rec.key / "distilled.npz",
+                          tmp_path / "steady" / "trials" / rec.key / "distilled.npz")
 
 
 @pytest.mark.gcs

@@ -25,7 +25,7 @@ from orchestrator import manifest as mf
 from orchestrator.results import best, fetch, status
 from orchestrator.sweep import launch, resume
 
-from conftest import loopback_env
+from conftest import loopback_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -61,16 +61,6 @@ def quick(ray_local, tmp_path_factory):
     out = launch(QUICKSTART, storage_uri=str(root), sets=TINY + ["search.space.seed={grid: [0, 1]}"])
     out.wall_s = time.time() - t0
     return out
-
-
-def _wait(pred, timeout: float, what: str, every: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_quickstart_completes_best_and_fetch(quick, tmp_path):
@@ -165,7 +155,7 @@ def test_sigterm_notice_checkpoints_current_step_and_resumes(ray_local, tmp_path
         r = recs[0] if recs else None
         return r if r and r.history and r.history[-1].get("pid") and (r.step or 0) >= 3 else None
 
-    rec = _wait(running, 240, "the trial to run a few steps")
+    rec = wait_for(running, 240, "the trial to run a few steps")
     t_notice = time.time()
     os.kill(rec.history[-1]["pid" if target == "distill_process" else "worker_pid"], signal.SIGTERM)
     th.join(timeout=300)

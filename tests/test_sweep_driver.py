@@ -15,8 +15,8 @@ import pytest
 
 from orchestrator import manifest as mf
 
-from conftest import loopback_env
-from test_sweep import QUICKSTART, ROOT, TEST_ENV, TINY, _wait
+from conftest import loopback_env, wait_for
+from test_sweep import QUICKSTART, ROOT, TEST_ENV, TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -51,7 +51,7 @@ def test_driver_loss_then_resume(tmp_path):
             running = [r for r in recs if r.status == mf.RUNNING and (r.checkpoint_step or 0) >= 5]
             return (done, running) if done and running else None
 
-        done, running = _wait(one_done_one_running, 300, "one finished and one running trial", every=0.3)
+        done, running = wait_for(one_done_one_running, 300, "one finished and one running trial", every=0.3)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started: all gone
         proc.wait()

@@ -12,15 +12,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from orchestrator import manifest as mf
 from orchestrator.results import status
 from orchestrator.sweep import SweepError, launch
 
-from conftest import raylet_node_ips
-from test_sweep import QUICKSTART, TEST_ENV, TINY, _wait
+from conftest import assert_same_distilled, raylet_node_ips, wait_for
+from test_sweep import QUICKSTART, TEST_ENV, TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -65,7 +64,7 @@ def test_node_loss_resumes_elsewhere_and_matches_uninterrupted(cluster, tmp_path
         r = recs[0] if recs else None
         return r if r and (r.checkpoint_step or 0) >= 5 and r.history and r.history[-1].get("node_id") else None
 
-    rec = _wait(checkpointed, 240, "the first checkpoint")
+    rec = wait_for(checkpointed, 240, "the first checkpoint")
     victim = next(n for n in cluster.list_all_nodes() if n.node_id == rec.history[-1]["node_id"])
     t_kill = time.time()
     cluster.remove_node(victim, allow_graceful=False)
@@ -86,11 +85,5 @@ def test_node_loss_resumes_elsewhere_and_matches_uninterrupted(cluster, tmp_path
     ref = launch(QUICKSTART, storage_uri=str(tmp_path), name="steady", address=cluster.address,
                  shared_storage=True, sets=sets)
     assert ref.counts == {mf.COMPLETED: 1}
-    a = np.load(Path(sweep) / "trials" / rec.key / "distilled.npz")
-    b = np.load(tmp_path / "steady" / "trials" / rec.key / "distilled.npz")
-    assert sorted(a.files) == sorted(b.files)
-    for name in a.files:
-        if a[name].dtype.kind in "fc":
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
-        else:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_distilled(Path(sweep) / "trials" / rec.key / "distilled.npz",
+                          tmp_path / "steady" / "trials" / rec.key / "distilled.npz")
