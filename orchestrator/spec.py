@@ -144,7 +144,7 @@ def from_mapping(cls: type, raw: Any, path: str, problems: list[str],
     Example:
         >>> problems = []
         >>> from_mapping(Resources, {"cpu": 0, "gpus": 1}, "resources", problems), problems
-        (None, ["resources.gpus: unknown key (did you mean 'gpu'?); known: cpu, gpu, tpu, accelerator_type", 'resources.cpu: must be >= 1, got 0'])
+        (None, ["resources.gpus: unknown key (did you mean 'gpu'?); known: cpu, gpu, tpu, accelerator_type, custom", 'resources.cpu: must be >= 1, got 0'])
     """
     if raw is None:
         raw = {}

@@ -83,9 +83,9 @@ class Engine:
     """A config's step, jitted and sharded over the local devices.
 
     Example:
-        >>> eng = Engine(cfg, (8, 8, 1), 10)
-        >>> state = eng.init_state(x0, y0, jax.random.PRNGKey(0), 1e-5, 5e-5)
-        >>> state, metrics = eng.step(state, eng.put_batch(xb, yb))
+        >>> eng = Engine(cfg, (8, 8, 1), 10)                                   # doctest: +SKIP
+        >>> state = eng.init_state(x0, y0, jax.random.PRNGKey(0), 1e-5, 5e-5)  # doctest: +SKIP
+        >>> state, metrics = eng.step(state, eng.put_batch(xb, yb))            # doctest: +SKIP
     """
 
     def __init__(self, cfg: DistillConfig, image_shape, num_classes: int, devices: list | None = None):

@@ -18,8 +18,7 @@ watched) or, for a lease long dead, on the holder's own timestamp.
 
 Example:
     >>> lease = acquire("runs/demo", wait_s=0)                    # doctest: +SKIP
-    >>> ...  # write checkpoints, records
-    >>> lease.release()                                           # doctest: +SKIP
+    >>> lease.release()  # after writing checkpoints and records  # doctest: +SKIP
 """
 
 from __future__ import annotations
