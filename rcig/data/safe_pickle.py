@@ -65,10 +65,10 @@ def load_pickle(data: bytes, source: str):
         >>> load_pickle(pickle.dumps({"labels": [1, 2]}), "example")
         {'labels': [1, 2]}
         >>> try:
-        ...     load_pickle(pickle.dumps(print), "example")
+        ...     load_pickle(pickle.dumps(eval), "example")
         ... except DatasetError as e:
         ...     print(str(e).split(" (")[0])
-        example: pickle refers to builtins.print, which is not allowed
+        example: pickle refers to builtins.eval, which is not allowed
     """
     try:
         return RestrictedUnpickler(io.BytesIO(data), source, encoding="latin1").load()
