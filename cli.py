@@ -140,7 +140,13 @@ def distill_cmd(
         _fail(str(e))
     if preset_note:
         typer.echo(preset_note, err=True)
-    for line in preflight(cfg, dry_run=dry_run):
+    from rcig.data import DatasetError
+
+    try:
+        lines = preflight(cfg, dry_run=dry_run)
+    except DatasetError as e:
+        _fail(str(e))
+    for line in lines:
         typer.echo(line, err=not dry_run)
     if dry_run:
         return

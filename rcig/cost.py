@@ -71,9 +71,13 @@ def estimate(cfg: DistillConfig, *, image_shape=None, num_classes: int | None = 
     from rcig.engine import Engine, resolve_loop
 
     if image_shape is None or num_classes is None:
-        if cfg.dataset not in SHAPES:
-            raise ValueError(f"{cfg.dataset}: shape unknown; pass image_shape and num_classes")
-        image_shape, num_classes = SHAPES[cfg.dataset]
+        if cfg.dataset in SHAPES:
+            image_shape, num_classes = SHAPES[cfg.dataset]
+        else:  # a user's .npz: its shape is in the file
+            from rcig.data import load_dataset
+
+            ds = load_dataset(cfg.dataset, cfg.data_dir)
+            image_shape, num_classes = tuple(ds.image_shape), ds.num_classes
     devices = list(devices) if devices is not None else jax.local_devices()
     kind = devices[0].platform
     eng = Engine(cfg, image_shape, num_classes, devices=devices)
