@@ -303,6 +303,7 @@ def sweep_launch_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override: config field (--set steps=20) or spec key (--set max_concurrent=2); repeatable."),
     shared_storage: bool = typer.Option(False, "--shared-storage", help="With --address: the local --storage path is a mount every node shares (NFS); without it a cluster needs gs:// storage."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the base preset, a trial's step FLOPs, memory per device and estimated wall time; launch nothing."),
+    mlflow: str = typer.Option(None, "--mlflow", metavar="URI", help="Also log every trial to MLflow at this tracking URI (e.g. file:///abs/mlruns or http://host:5000; needs rcig-sweep[tracking]). Default: no MLflow."),
 ):
     """Launch a sweep; rerunning it adopts trials that already exist (finished ones are not rerun).
 
@@ -328,7 +329,7 @@ def sweep_launch_cmd(
         # Everything knowable before launch, the trials' data included, before Ray starts.
         load_spec(spec, sets=list(set_), storage=storage, name=name, check_data=True)
         out = launch(spec, storage_uri=storage, name=name, address=address, sets=list(set_),
-                     shared_storage=shared_storage)
+                     shared_storage=shared_storage, mlflow=mlflow)
     except _sweep_user_errors() as e:
         _sweep_fail(str(e))
     _sweep_done(out)
@@ -339,6 +340,7 @@ def sweep_resume_cmd(
     sweep: SweepArg,
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)."),
     shared_storage: bool = typer.Option(False, "--shared-storage", help="With --address: the sweep's local folder is a mount every node shares (NFS)."),
+    mlflow: str = typer.Option(None, "--mlflow", metavar="URI", help="MLflow tracking URI to log trials to; 'off' for none. Default: where the sweep's last launch or resume logged (none if it did not)."),
 ):
     """Continue a sweep (e.g. after a driver loss): unfinished and errored trials resume from their checkpoints, finished ones are not rerun.
 
@@ -347,7 +349,7 @@ def sweep_resume_cmd(
     from orchestrator.sweep import resume
 
     try:
-        out = resume(sweep, address=address, shared_storage=shared_storage)
+        out = resume(sweep, address=address, shared_storage=shared_storage, mlflow=mlflow)
     except _sweep_user_errors() as e:
         _sweep_fail(str(e))
     _sweep_done(out, sweep)

@@ -2,8 +2,11 @@
 
 Reads the sweep manifest and trial records (`orchestrator.manifest`) and, per trial,
 `metrics.jsonl`, `eval.json` and `distilled.npz` through `rcig.storage` (local or gs://),
-so it works while the sweep runs and with no Ray. Figures are matplotlib PNGs embedded
-as `data:` URIs; the page loads nothing from the network.
+so it works while the sweep runs and with no Ray. Its "Search" panel shows the sweep's
+metric against each searched parameter and every trial's intermediate `val/acc` by step,
+trials a scheduler stopped early (STOPPED) drawn apart from finished ones (COMPLETED).
+Figures are matplotlib PNGs embedded as `data:` URIs; the page loads nothing from the
+network.
 
 A trial whose files are missing or unreadable is still listed; what is missing becomes a
 note (shown in the page and returned in `Report.notes`), never an exception.
@@ -27,7 +30,8 @@ import numpy as np
 
 from orchestrator import manifest as mf
 from orchestrator.locate import resolve_sweep
-from orchestrator.results import metric_value, price_of, ranking_metric, trial_row, with_reached
+from orchestrator.results import (SELECT_METRIC, metric_value, price_of, ranking_metric, trial_row,
+                                  with_reached)
 from rcig import storage
 
 IN_PROGRESS = (mf.RUNNING, mf.PENDING, mf.PREEMPTED, mf.FAILED)
@@ -71,6 +75,7 @@ class Report:
     trials: list[TrialView]                  # leaderboard order
     notes: list[str]
     html: str = ""
+    search: dict[str, bytes] = field(default_factory=dict)  # the search panel: params, curves
 
     @property
     def counts(self) -> dict[str, int]:
@@ -129,7 +134,7 @@ def _figures(view: TrialView, tdir: str) -> None:
             view.notes.append(f"trial {key}: curves not drawn ({_one_line(e)})")
     npz_uri = storage.join(tdir, "distilled.npz")
     if not storage.exists(npz_uri):
-        if view.rec.status in mf.FINAL_STATES:
+        if view.rec.status == mf.COMPLETED:  # a STOPPED trial never reached its export
             view.notes.append(f"trial {key}: {view.rec.status} but no distilled.npz in {tdir}")
         return
     try:
@@ -199,6 +204,41 @@ def rank_trials(views: list[TrialView], mode: str) -> list[TrialView]:
     return scored + rest
 
 
+def search_data(rep: Report) -> dict[str, Any]:
+    """What the search panel draws: `points`, one per trial with a value of the sweep's
+    metric ({"key", "params", "value", "state"}: a STOPPED trial's value is the last
+    intermediate estimate it reached), and `curves`, one per trial that reported the
+    intermediate metric ({"key", "state", "steps", "values", "final", "final_step"}:
+    `final`, a finished trial's final evaluation of that metric).
+    """
+    points = [{"key": t.rec.key, "params": t.rec.params, "value": t.value, "state": t.rec.status}
+              for t in rep.trials if t.value is not None]
+    curves = []
+    for t in rep.trials:
+        pts = sorted({int(r["step"]): float(r[SELECT_METRIC]) for r in t.metrics
+                      if isinstance(r.get(SELECT_METRIC), (int, float))
+                      and math.isfinite(r[SELECT_METRIC])}.items())
+        if not pts:
+            continue
+        final = (t.eval or {}).get("val_mean") if t.rec.status == mf.COMPLETED else None
+        curves.append({"key": t.rec.key, "state": t.rec.status, "steps": [s for s, _ in pts],
+                       "values": [v for _, v in pts], "final": final,
+                       "final_step": _eval_step(t) if final is not None else None})
+    return {"points": points, "curves": curves}
+
+
+def _search_figures(rep: Report) -> None:
+    from orchestrator import report_figures as figs
+
+    data = search_data(rep)
+    try:
+        if rep.params:
+            rep.search["params"] = figs.search_params_figure(rep.params, data["points"], rep.metric)
+        rep.search["curves"] = figs.search_curves_figure(data["curves"], SELECT_METRIC)
+    except Exception as e:  # a plot must never sink the report
+        rep.notes.append(f"search panel not drawn ({_one_line(e)})")
+
+
 def build_report(name_or_uri: str, figures: bool = True) -> Report:
     """Read a sweep (name or URI) and build its report page.
 
@@ -222,6 +262,8 @@ def build_report(name_or_uri: str, figures: bool = True) -> Report:
     rep = Report(name=str(doc.get("name") or name_or_uri), uri=uri, metric=metric, mode=mode,
                  currency=currency, generated=time.time(), params=params, trials=views,
                  notes=[n for v in views for n in v.notes])
+    if figures:
+        _search_figures(rep)
     rep.html = render(rep)
     return rep
 

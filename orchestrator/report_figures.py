@@ -202,3 +202,103 @@ def curves_figure(rows: Sequence[dict[str, Any]], eval_result: dict[str, Any] | 
                 fontsize=8, color="gray")
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.17, top=0.88, wspace=0.3)
     return _png(fig, tight=False)  # fixed margins: "tight" would draw the figure twice
+
+
+# ---- the search panel ---------------------------------------------------------------------
+# How a trial's state is drawn in the search figures (colours as in the page's badges).
+STATE_STYLE = {"COMPLETED": ("#1a7f37", "-", "o"), "STOPPED": ("#57606a", "--", "X")}
+OTHER_STYLE = ("#0969da", ":", "s")
+
+
+def _style(state: str) -> tuple[str, str, str]:
+    from orchestrator.report_html import STATE_COLOURS
+
+    colour, ls, marker = STATE_STYLE.get(state, OTHER_STYLE)
+    return STATE_COLOURS.get(state, colour), ls, marker
+
+
+def _state_label(state: str) -> str:
+    return {"COMPLETED": "COMPLETED (final evaluation)",
+            "STOPPED": "STOPPED early (last estimate)"}.get(state, state)
+
+
+def _axis_values(values: Sequence[Any]) -> tuple[list[float], list[str] | None, bool]:
+    """(x positions, category labels or None, log scale?) of one parameter's values."""
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(nums) == len(values):
+        arr = np.asarray(nums, np.float64)
+        log = bool(len(arr) and np.all(arr > 0) and arr.max() / arr.min() >= 20)
+        return [float(v) for v in nums], None, log
+    cats = sorted({str(v) for v in values})
+    return [float(cats.index(str(v))) for v in values], cats, False
+
+
+def search_params_figure(params: Sequence[str], points: Sequence[dict[str, Any]], metric: str) -> bytes:
+    """The sweep's metric against each searched parameter: one panel per parameter, one
+    point per trial with a value (`points`: {"params", "value", "state"}), its marker and
+    colour by state (COMPLETED: final evaluation; STOPPED: the last intermediate estimate
+    it reached before the scheduler stopped it)."""
+    n = max(1, len(params))
+    cols = min(n, 3)
+    rows = int(math.ceil(n / cols))
+    fig = _figure(4.2 * cols, 3.0 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+    for ax, name in zip(axes, params):
+        have = [p for p in points if name in p["params"]]
+        xs, cats, log = _axis_values([p["params"][name] for p in have])
+        for state in sorted({p["state"] for p in have}):
+            colour, _, marker = _style(state)
+            idx = [i for i, p in enumerate(have) if p["state"] == state]
+            ax.scatter([xs[i] for i in idx], [have[i]["value"] for i in idx], c=colour, marker=marker,
+                       s=36, alpha=0.85, label=_state_label(state), edgecolors="none")
+        if log:
+            ax.set_xscale("log")
+        if cats is not None:
+            ax.set_xticks(range(len(cats)))
+            ax.set_xticklabels(cats, fontsize=7, rotation=30 if len(cats) > 4 else 0)
+        ax.set_xlabel(name, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if not have:
+            ax.text(0.5, 0.5, "no trial has a value yet", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="gray")
+    for ax in axes[len(params):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(handles, labels, fontsize=7, loc="best")
+    return _png(fig)
+
+
+def search_curves_figure(curves: Sequence[dict[str, Any]], metric: str) -> bytes:
+    """The intermediate metric against the outer step, one line per trial (`curves`:
+    {"steps", "values", "state", "final", "final_step"}): COMPLETED solid, ending at its
+    final evaluation (a star); STOPPED dashed, ending with a cross where the scheduler
+    stopped it; any other state dotted."""
+    fig = _figure(7.5, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    seen: set[str] = set()
+    for c in curves:
+        colour, ls, _ = _style(c["state"])
+        label = None if c["state"] in seen else _state_label(c["state"])
+        seen.add(c["state"])
+        steps, values = list(c["steps"]), list(c["values"])
+        ax.plot(steps, values, ls=ls, lw=1.2, color=colour, alpha=0.85, label=label, marker=".", ms=4)
+        if c["state"] == "STOPPED" and steps:
+            ax.plot([steps[-1]], [values[-1]], marker="X", ms=8, color=colour, ls="none")
+        if isinstance(c.get("final"), (int, float)):
+            x = c.get("final_step") or (steps[-1] if steps else 0)
+            ax.plot([x], [c["final"]], marker="*", ms=10, color=colour, ls="none")
+    if not curves:
+        ax.text(0.5, 0.5, f"no trial has reported {metric} yet", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9, color="gray")
+    else:
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("outer step", fontsize=8)
+    ax.set_ylabel(metric, fontsize=8)
+    ax.set_title(f"intermediate {metric} (★ final evaluation, ✕ stopped by the scheduler)", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.14, top=0.9)
+    return _png(fig, tight=False)

@@ -33,7 +33,7 @@ table.sortable th{cursor:pointer;user-select:none;background:#f6f8fa}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
 .state{color:#fff;border-radius:10px;padding:1px 8px;font-size:12px;font-weight:600}
 .trial{border:1px solid #d0d7de;border-radius:6px;padding:12px;margin:14px 0}
-.trial img{max-width:100%;display:block;margin:8px 0}
+.trial img,#search img{max-width:100%;display:block;margin:8px 0}
 .figs{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 .notes{color:#9a6700} .none{color:#8c959f} pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px}
 """
@@ -233,6 +233,33 @@ def trial_section(i: int, t: "TrialView") -> str:
     return "".join(parts)
 
 
+def search_panel(rep: "Report") -> str:
+    """`<section id="search">`: the metric against each searched parameter, and the
+    intermediate-metric curves, STOPPED and COMPLETED trials drawn apart."""
+    counts = rep.counts
+    done, stopped = counts.get(mf.COMPLETED, 0), counts.get(mf.STOPPED, 0)
+    other = sum(counts.values()) - done - stopped
+    legend = (f'{_badge(mf.COMPLETED)} {done} finished: solid, ★ final evaluation &middot; '
+              f'{_badge(mf.STOPPED)} {stopped} stopped early by the scheduler: dashed, ✕ where '
+              f"stopped, ranked on the last estimate they reached"
+              + (f" &middot; {other} other (running, pending, preempted, failed): dotted" if other else ""))
+    figs = []
+    if "params" in rep.search:
+        figs.append(f"<div><b>{escape(rep.metric)} vs searched parameters</b>"
+                    + _img(rep.search["params"], "search-params", f"{rep.metric} vs searched parameters")
+                    + "</div>")
+    elif not rep.params:
+        figs.append('<div class="none">no searched parameters: one point of the space</div>')
+    if "curves" in rep.search:
+        figs.append("<div><b>intermediate val/acc by step</b>"
+                    + _img(rep.search["curves"], "search-curves", "intermediate val/acc by step")
+                    + "</div>")
+    if not rep.search:
+        figs.append('<div class="none">no search figures (report built without figures)</div>')
+    return (f'<section id="search" data-completed="{done}" data-stopped="{stopped}">'
+            f'<p class="meta">{legend}</p><div class="figs">{"".join(figs)}</div></section>')
+
+
 def render(rep: "Report") -> str:
     """The whole page."""
     counts = ", ".join(f"{n} {s}" for s, n in sorted(rep.counts.items()))
@@ -255,6 +282,7 @@ def render(rep: "Report") -> str:
         notes,
         "<h2>In progress</h2>", in_progress(rep),
         "<h2>Leaderboard</h2><p class=meta>Click a column to sort.</p>", leaderboard(rep),
+        "<h2>Search</h2>", search_panel(rep),
         "<h2>Trials</h2>",
         "".join(trial_section(i, t) for i, t in enumerate(rep.trials)),
         f"<script>{SORT_JS}</script></body></html>",

@@ -84,9 +84,11 @@ WORKER_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
 from orchestrator.preflight import check_storage, cluster_offers, init_ray, preflight  # noqa: E402,F401
 
 
-def build_tuner(spec: SweepSpec, sweep_uri: str, param_space: dict[str, Any] | None = None):
+def build_tuner(spec: SweepSpec, sweep_uri: str, param_space: dict[str, Any] | None = None,
+                mlflow: str | None = None):
     from ray import tune
 
+    from orchestrator import tracking
     from orchestrator.callbacks import BudgetCallback, ray_max_failures
     from orchestrator.search import build_search
     from orchestrator.trial import SAMPLE_KEY, TrialContext, key_of, make_trainable
@@ -116,7 +118,8 @@ def build_tuner(spec: SweepSpec, sweep_uri: str, param_space: dict[str, Any] | N
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=ray_max_failures(spec)),
-            callbacks=[BudgetCallback(storage.normalize(sweep_uri), spec)],
+            callbacks=[BudgetCallback(storage.normalize(sweep_uri), spec),
+                       *tracking.callbacks(storage.normalize(sweep_uri), spec, mlflow)],
             verbose=int(os.environ.get("RCIG_TUNE_VERBOSE", "1"))),
     )
 
@@ -135,36 +138,48 @@ def _counts(sweep_uri: str) -> dict[str, int]:
 
 def launch(spec_path: str, storage_uri: str | None = None, name: str | None = None,
            address: str | None = None, sets: Sequence[str] = (),
-           shared_storage: bool = False) -> SweepOutcome:
-    """Validate a spec and run its sweep to the end (see module docstring)."""
+           shared_storage: bool = False, mlflow: str | None = None) -> SweepOutcome:
+    """Validate a spec and run its sweep to the end (see module docstring); `mlflow`: an
+    MLflow tracking URI to log every trial to (`orchestrator.tracking`)."""
+    from orchestrator import tracking
+
     spec = load_spec(spec_path, sets=sets, storage=storage_uri, name=name)
     sweep_uri = sweep_uri_for(spec)
     check_storage(sweep_uri, address, shared_storage)
+    if mlflow:
+        mlflow = tracking.check_mlflow(mlflow)
     try:
         existing = mf.read_manifest(sweep_uri, missing_ok=True)
     except mf.ManifestError as e:
         raise SweepError(str(e)) from None
     init_ray(address)
     checked = preflight(spec, address)
-    mf.write_manifest(sweep_uri, spec.name, spec.raw, spec.source, _launch_info(address, "launch"))
+    mf.write_manifest(sweep_uri, spec.name, spec.raw, spec.source,
+                      {**_launch_info(address, "launch"), "mlflow": tracking.recordable(mlflow)})
     out = SweepOutcome(sweep_uri, spec.name, notes=list(checked))
     if existing:
         out.notes.append(f"{sweep_uri} already held a sweep; its existing trials are adopted")
-    build_tuner(spec, sweep_uri).fit()
+    build_tuner(spec, sweep_uri, mlflow=mlflow).fit()
     out.counts = _counts(sweep_uri)
     return out
 
 
-def resume(name_or_uri: str, address: str | None = None, shared_storage: bool = False) -> SweepOutcome:
-    """Continue a sweep from storage: Ray's state if readable, else our manifest."""
+def resume(name_or_uri: str, address: str | None = None, shared_storage: bool = False,
+           mlflow: str | None = None) -> SweepOutcome:
+    """Continue a sweep from storage: Ray's state if readable, else our manifest. MLflow
+    tracking: `mlflow` if given ("off": none), else where the sweep last tracked to."""
     from ray import tune
 
+    from orchestrator import tracking
     from orchestrator.trial import TrialContext, make_trainable
 
     sweep_uri = resolve_sweep(name_or_uri)
     check_storage(sweep_uri, address, shared_storage)
     doc = mf.read_manifest(sweep_uri)
     spec = spec_from_raw(doc["spec"], source=doc.get("source", "<manifest>"))
+    mlflow = tracking.resume_uri(doc, mlflow)
+    if mlflow:
+        mlflow = tracking.check_mlflow(mlflow)
     init_ray(address)
     checked = preflight(spec, address)
     damaged: list[mf.DamagedRecord] = []
@@ -172,7 +187,8 @@ def resume(name_or_uri: str, address: str | None = None, shared_storage: bool = 
     for rec in records:  # resume grants errored trials a fresh budget
         if rec.status == mf.ERROR:
             mf.RecordStore(sweep_uri, rec.key).update(lambda cur: lc.grant_budgets(cur) if cur else None)
-    mf.write_manifest(sweep_uri, spec.name, spec.raw, spec.source, _launch_info(address, "resume"))
+    mf.write_manifest(sweep_uri, spec.name, spec.raw, spec.source,
+                      {**_launch_info(address, "resume"), "mlflow": tracking.recordable(mlflow)})
     out = SweepOutcome(sweep_uri, spec.name, notes=list(checked))
     out.notes += [f"{e} (that trial stops with this error)" for e in damaged]
     storage_path, name, fs = storage_for_ray(sweep_uri)
@@ -188,8 +204,11 @@ def resume(name_or_uri: str, address: str | None = None, shared_storage: bool = 
                              f"({type(e).__name__}: {e}); resuming from the rcig manifest")
     else:
         out.notes.append(f"no Ray experiment state in {sweep_uri}; resuming from the rcig manifest")
+    if tuner is not None:  # the callbacks pickled at launch would track to the old places
+        tracking.replace_in_restored(tuner, tracking.callbacks(sweep_uri, spec, mlflow))
     if tuner is None:
-        tuner = build_tuner(spec, sweep_uri, param_space=_manifest_space(spec, records, out))
+        tuner = build_tuner(spec, sweep_uri, param_space=_manifest_space(spec, records, out),
+                            mlflow=mlflow)
     tuner.fit()
     out.counts = _counts(sweep_uri)
     return out

@@ -42,9 +42,16 @@ TRIALS = [
     (0.01, mf.PREEMPTED, None, 12, False),
     (0.03, mf.ERROR, None, 5, False),
     (0.1, mf.PENDING, None, 0, False),
+    (0.0003, mf.STOPPED, None, 10, False),  # stopped early by a scheduler (ASHA)
 ]
-# Leaderboard: eval mean desc, then the rest by state (running, preempted, ..., pending, error).
-EXPECTED_ORDER = [1, 0, 2, 4, 3]
+# Leaderboard: validation accuracy desc (the finished trials' final evaluation, the stopped
+# one's last intermediate estimate), then the rest by state (preempted, pending, error).
+EXPECTED_ORDER = [1, 0, 5, 2, 4, 3]
+VAL_BASE = [0.60, 0.65, 0.55, 0.50, 0.0, 0.25]  # intermediate val/acc: base + 0.01 * step
+
+
+def val_at(i: int, step: int) -> float:
+    return round(VAL_BASE[i] + 0.01 * step, 4)
 
 
 def _write_trial(sweep: str, lr: float, state: str, mean: float | None, steps: int,
@@ -58,7 +65,9 @@ def _write_trial(sweep: str, lr: float, state: str, mean: float | None, steps: i
     rng = np.random.default_rng(seed)
     if steps:
         rows = [{"step": s, "outer/loss": float(2.0 / s), "outer/acc": float(1 - 1 / (s + 1)),
-                 "hinv/residual": float(1e-3 / s), "inner/lr": 0.01} for s in range(1, steps + 1)]
+                 "hinv/residual": float(1e-3 / s), "inner/lr": 0.01,
+                 **({"val/acc": val_at(seed, s), "val/step": float(s)} if s % 5 == 0 else {})}
+                for s in range(1, steps + 1)]
         storage.write_text(storage.join(tdir, "metrics.jsonl"),
                            "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 99, "outer/lo')  # torn line
         rec.checkpoint_step = steps - steps % 5
@@ -86,6 +95,7 @@ def _write_trial(sweep: str, lr: float, state: str, mean: float | None, steps: i
     if mean is not None:
         ev = {"mean": mean, "std": 0.01, "accs": [mean - 0.01, mean + 0.01], "protocol": "rcig",
               "dataset": "digits", "ipc": IPC, "steps": 100, "runs": 2, "distill_steps": steps,
+              "val_mean": mean + 0.02, "val": {"mean": mean + 0.02, "std": 0.01},
               "baseline": {"mean": 0.6, "std": 0.02, "accs": [0.58, 0.62]}}
         write_json(storage.join(tdir, "eval.json"), ev)
         rec.eval = ev
@@ -119,7 +129,7 @@ def test_report_content_order_states_and_notes(sweep, report):
     rep, path = report
     assert path == os.path.join(uri, "report.html") and os.path.getsize(path) > 10_000
     assert [t.rec.key for t in rep.trials] == [keys[i] for i in EXPECTED_ORDER]
-    assert [t.rank for t in rep.trials] == [1, 2, None, None, None]
+    assert [t.rank for t in rep.trials] == [1, 2, 3, None, None, None]
     page = Path(path).read_text()
     rows = re.findall(r'<tr data-key="([^"]+)" data-state="([^"]+)">', page)
     assert [html.unescape(k) for k, _ in rows] == [keys[i] for i in EXPECTED_ORDER]
@@ -132,11 +142,54 @@ def test_report_content_order_states_and_notes(sweep, report):
     assert page.count('<section class="trial"') == len(TRIALS)
     # images for the two finished trials, curves for every trial with metrics
     assert [sorted(t.images) for t in rep.trials[:2]] == [["curves", "grid", "labels"]] * 2
-    assert [t.rec.key for t in rep.trials if "curves" in t.images] == [keys[i] for i in (1, 0, 2, 3)]
+    assert [t.rec.key for t in rep.trials if "curves" in t.images] == [keys[i] for i in (1, 0, 5, 2, 3)]
+    # a trial stopped early never wrote a distilled set: that is no problem worth a note
+    assert not [n for n in rep.notes if keys[5] in n], rep.notes
     # no URL a browser could fetch: every src/href is a data: URI or an in-page anchor
     for attr in re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page):
         assert attr.startswith(("data:", "#")), attr
     assert not re.search(r"(?i)https?://|@import|url\(", page)
+
+
+def test_search_panel(sweep, report):
+    """Metric vs the searched parameter (one point per trial with a value) and the
+    intermediate val/acc curves, STOPPED and COMPLETED told apart."""
+    from orchestrator.report import search_data
+
+    _, keys = sweep
+    rep, _ = report
+    data = search_data(rep)
+    points = {p["key"]: (p["state"], p["value"], p["params"]["outer.proto_lr"]) for p in data["points"]}
+    assert points == {keys[1]: (mf.COMPLETED, pytest.approx(0.87), 0.003),
+                      keys[0]: (mf.COMPLETED, pytest.approx(0.82), 0.001),
+                      keys[5]: (mf.STOPPED, pytest.approx(val_at(5, 10)), 0.0003)}  # reached
+    curves = {c["key"]: c for c in data["curves"]}
+    assert set(curves) == {keys[i] for i in (0, 1, 2, 3, 5)}  # the pending trial has none
+    stopped, done = curves[keys[5]], curves[keys[1]]
+    assert (stopped["state"], stopped["steps"], stopped["final"]) == (mf.STOPPED, [5, 10], None)
+    assert stopped["values"] == [val_at(5, 5), val_at(5, 10)]
+    assert (done["state"], done["steps"], done["final"], done["final_step"]) == (
+        mf.COMPLETED, [5, 10, 15, 20], pytest.approx(0.87), 20)
+    assert curves[keys[2]]["state"] == mf.PREEMPTED and curves[keys[2]]["steps"] == [5, 10]
+    # both figures drawn and on the page, in the search section, with the state counts
+    assert sorted(rep.search) == ["curves", "params"]
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in rep.search.values())
+    section = re.search(r'<section id="search"[^>]*>.*?</section>', rep.html, re.S).group(0)
+    assert 'data-completed="2" data-stopped="1"' in section
+    assert 'class="search-params"' in section and 'class="search-curves"' in section
+    assert "stopped early by the scheduler" in section and "final evaluation" in section
+
+
+def test_search_figures_draw_without_a_search_space(tmp_path):
+    """One point of the space (no searched parameter) and a trial with no metric yet."""
+    from orchestrator import report_figures as figs
+
+    png = figs.search_curves_figure([], "val/acc")
+    assert png[:4] == b"\x89PNG"
+    png = figs.search_params_figure(["seed", "model.kind"], [
+        {"params": {"seed": 0, "model.kind": "conv"}, "value": 0.5, "state": mf.COMPLETED},
+        {"params": {"seed": 1, "model.kind": "mlp"}, "value": 0.4, "state": mf.STOPPED}], "val/acc")
+    assert png[:4] == b"\x89PNG"
 
 
 def test_running_sweep_section(sweep, report):
@@ -177,6 +230,10 @@ window.addEventListener('load', function () {
     return {cls: im.className, key: s ? s.dataset.key : null, w: im.naturalWidth, scheme: im.src.split(':')[0]}; });
   out.sections = Array.prototype.map.call(document.querySelectorAll('section.trial'), function (s) {
     return [s.dataset.key, s.querySelector('.state').textContent]; });
+  var search = document.getElementById('search');
+  out.search = search ? {stopped: search.dataset.stopped, completed: search.dataset.completed,
+    images: Array.prototype.map.call(search.querySelectorAll('img'), function (im) {
+      return [im.className, im.naturalWidth]; })} : null;
   head('trial').click(); out.byTrial = order();
   head('eval mean ± std').click(); out.byEvalAsc = order();
   out.resources = performance.getEntriesByType('resource').map(function (e) { return e.name; });
@@ -289,6 +346,10 @@ def test_report_in_headless_chromium(sweep, report, tmp_path):
     assert grids.keys() == {keys[0], keys[1]} and all(w > 0 for w in grids.values()), grids
     assert all(im["w"] > 0 and im["scheme"] == "data" for im in got["images"]), got["images"]
     assert sum(im["cls"] == "curves" for im in got["images"]) == len(TRIALS) - 1  # not the pending one
+    # the search panel: both figures decoded, stopped and finished trials counted apart
+    assert got["search"]["stopped"] == "1" and got["search"]["completed"] == "2", got["search"]
+    assert sorted(c for c, _ in got["search"]["images"]) == ["search-curves", "search-params"]
+    assert all(w > 0 for _, w in got["search"]["images"]), got["search"]
     # the states the page shows, preempted and failed among them
     shown = dict(got["sections"])
     assert shown[keys[2]] == "PREEMPTED" and shown[keys[3]] == "ERROR"
