@@ -20,7 +20,9 @@
   node types, their limits, and KubeRay's worker groups.
 - `preflight(spec, address)`: raise `SweepError` (one line: the bundle, why nothing fits,
   the node types) when neither a live node nor a node the autoscaler can add holds one
-  trial. Without `--address` the local Ray has no autoscaler, so a spec asking for a GPU on
+  trial. A trial over several hosts (`resources.hosts`, a TPU slice type) needs that many
+  distinct nodes, one per host bundle (its placement group is STRICT_SPREAD); the
+  autoscaler is asked for all of its bundles at once. Without `--address` the local Ray has no autoscaler, so a spec asking for a GPU on
   a machine without one is refused instead of PENDING forever.
 
 Example:
@@ -35,7 +37,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 NODE_IP_ENV = "RCIG_RAY_NODE_IP"          # address a local Ray binds (tests: 127.0.0.1)
 PREFLIGHT_TIMEOUT_ENV = "RCIG_PREFLIGHT_TIMEOUT_S"  # how long to wait for the autoscaler's answer
@@ -200,6 +202,31 @@ class ClusterOffers:
     def live_fit(self, bundle: Mapping[str, float]) -> list[str]:
         return [name for name, res in self.nodes.items() if covers(res, bundle)]
 
+    def live_hosts_fit(self, bundles: Sequence[Mapping[str, float]]) -> bool:
+        """Whether distinct live nodes hold all of a trial's host bundles (one each)."""
+        return hosts_fit(list(self.nodes.values()), bundles)
+
+
+def hosts_fit(nodes: Sequence[Mapping[str, float]], bundles: Sequence[Mapping[str, float]]) -> bool:
+    """Whether `bundles` fit on distinct `nodes`, one bundle per node (STRICT_SPREAD).
+    A trial's bundles are one per host, the first possibly with more (a slice head):
+    matched greedily from the most demanding, which is exact for such lists.
+
+    Example:
+        >>> hosts_fit([{"CPU": 2}, {"CPU": 2}], [{"CPU": 2}, {"CPU": 2}])
+        True
+        >>> hosts_fit([{"CPU": 4}], [{"CPU": 2}, {"CPU": 2}])
+        False
+    """
+    free = list(range(len(nodes)))
+    for b in sorted(bundles, key=lambda b: -len(b)):
+        fits = [i for i in free if covers(nodes[i], b)]
+        if not fits:
+            return False
+        # take the node that holds the fewest of the remaining bundles' kinds
+        free.remove(min(fits, key=lambda i: len(nodes[i])))
+    return True
+
 
 def _visible(res: Mapping[str, float]) -> dict[str, float]:
     return {k: (int(v) if float(v).is_integer() else v) for k, v in res.items()
@@ -210,9 +237,11 @@ def _same_bundle(request, bundle: Mapping[str, float]) -> bool:
     return dict(request.resources_bundle) == {k: float(v) for k, v in bundle.items()}
 
 
-def read_offers(gcs_address: str, bundle: Mapping[str, float] | None, timeout_s: float) -> dict:
+def read_offers(gcs_address: str, bundle: Mapping[str, float] | None, timeout_s: float,
+                bundles: Sequence[Mapping[str, float]] | None = None) -> dict:
     """Read the cluster at `gcs_address` (runs in the driver, or on the cluster under Ray
-    Client); returns `ClusterOffers` fields as plain data."""
+    Client); returns `ClusterOffers` fields as plain data. `bundles`: a multi-host trial's
+    bundles (one per host; the autoscaler is asked for all of them at once)."""
     from ray._raylet import GcsClient
     from ray.autoscaler.v2.sdk import request_cluster_resources
     from ray.autoscaler.v2.utils import is_autoscaler_v2
@@ -254,22 +283,23 @@ def read_offers(gcs_address: str, bundle: Mapping[str, float] | None, timeout_s:
             report = {}
         if report and not report.get("legacy"):
             out["autoscaler"] = "v1"
-    if not bundle or out["autoscaler"] != "v2" or any(covers(r, bundle) for r in out["nodes"].values()):
+    asked = [dict(b) for b in (bundles or ([bundle] if bundle else []))]
+    if not asked or out["autoscaler"] != "v2" or hosts_fit(list(out["nodes"].values()), asked):
         return out
 
-    request_cluster_resources(gcs_address, [{"resources": dict(bundle)}])
+    request_cluster_resources(gcs_address, [{"resources": b} for b in asked])
     try:
         seen_at = None
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             reply = status()
             state, scaler = reply.cluster_resource_state, reply.autoscaling_state
-            if seen_at is None and any(_same_bundle(c.request, bundle)
+            if seen_at is None and any(_same_bundle(c.request, b) for b in asked
                                        for con in state.cluster_resource_constraints
                                        for c in con.resource_requests):
                 seen_at = state.cluster_resource_state_version
             if seen_at is not None and scaler.last_seen_cluster_resource_state_version >= seen_at:
-                out["can_add"] = not any(_same_bundle(c.request, bundle)
+                out["can_add"] = not any(_same_bundle(c.request, b) for b in asked
                                          for con in scaler.infeasible_cluster_resource_constraints
                                          for c in con.resource_requests)
                 if out["can_add"]:
@@ -286,22 +316,25 @@ def read_offers(gcs_address: str, bundle: Mapping[str, float] | None, timeout_s:
         request_cluster_resources(gcs_address, [])  # withdraw: Tune's own demand takes over
 
 
-def cluster_offers(bundle: Mapping[str, float] | None = None, timeout_s: float | None = None) -> ClusterOffers:
-    """What the connected cluster can give a trial asking `bundle` (see the module docstring)."""
+def cluster_offers(bundle: Mapping[str, float] | None = None, timeout_s: float | None = None,
+                   bundles: Sequence[Mapping[str, float]] | None = None) -> ClusterOffers:
+    """What the connected cluster can give a trial asking `bundle` (or, on several hosts,
+    `bundles`: one per host) (see the module docstring)."""
+    bundles = [dict(b) for b in bundles] if bundles else None
     import ray
 
     timeout = float(os.environ.get(PREFLIGHT_TIMEOUT_ENV, "60")) if timeout_s is None else timeout_s
     bundle = dict(bundle) if bundle else None
     if ray.util.client.ray.is_connected():  # Ray Client: read it on the cluster
         @ray.remote(num_cpus=0)
-        def remote_read(b, t):
+        def remote_read(b, t, bs):
             import ray as r
 
-            return read_offers(r.get_runtime_context().gcs_address, b, t)
+            return read_offers(r.get_runtime_context().gcs_address, b, t, bs)
 
-        data = ray.get(remote_read.remote(bundle, timeout), timeout=timeout + 60)
+        data = ray.get(remote_read.remote(bundle, timeout, bundles), timeout=timeout + 60)
     else:
-        data = read_offers(ray.get_runtime_context().gcs_address, bundle, timeout)
+        data = read_offers(ray.get_runtime_context().gcs_address, bundle, timeout, bundles)
     return ClusterOffers(**data)
 
 
@@ -309,10 +342,11 @@ def preflight(spec, address: str | None) -> list[str]:
     """Refuse (SweepError) a spec whose trial bundle no live node holds and no node the
     autoscaler can add would hold; returns notes for the user otherwise."""
     bundle = spec.ray_resources()
-    offers = cluster_offers(bundle)
+    bundles = spec.ray_bundles()
+    offers = cluster_offers(bundle, bundles=bundles if len(bundles) > 1 else None)
     if not address:  # the Ray we started here: its monitor only watches, never adds nodes
         offers.autoscaler, offers.can_add = None, None
-    if offers.live_fit(bundle) or offers.can_add:
+    if offers.live_hosts_fit(bundles) or offers.can_add:
         return offers.notes
     if offers.autoscaler and offers.can_add is None:
         # An autoscaler we could not ask (v1, or no answer in time): the launcher config's
@@ -321,6 +355,8 @@ def preflight(spec, address: str | None) -> list[str]:
             return offers.notes + [f"could not check {bundle} against the autoscaler's node types"]
         if any(covers(r, bundle) for r in offers.declared.values()):
             return offers.notes
+    if len(bundles) > 1 and offers.live_fit(bundles[-1]) and not offers.autoscaler:
+        raise _sweep_error(_too_few_hosts(spec, address, bundles, offers))
     where = f"the cluster at {address}" if address else "the cluster at local (this machine's Ray, no --address)"
     show = lambda types: "; ".join(f"{n} {_visible(r)}" for n, r in sorted(types.items())) or "none"  # noqa: E731
     if offers.autoscaler:
@@ -335,3 +371,13 @@ def preflight(spec, address: str | None) -> list[str]:
         why = f"{shortfall(bundle, offers.nodes)}; nodes (no autoscaler): {show(offers.nodes)}"
     raise _sweep_error(f"{spec.source}: resources: no node of {where} offers {bundle} per trial: "
                        f"{why}; lower resources or use a cluster with such a node type")
+
+
+def _too_few_hosts(spec, address: str | None, bundles: list[dict], offers: ClusterOffers) -> str:
+    """One line: a multi-host trial needs more nodes (one per host) than the cluster has."""
+    where = f"the cluster at {address}" if address else "the cluster at local (this machine's Ray, no --address)"
+    fit = offers.live_fit(bundles[-1])
+    head = "" if bundles[0] == bundles[-1] else f" (the first also {_visible(bundles[0])})"
+    return (f"{spec.source}: resources.hosts: a trial spans {len(bundles)} hosts, one node each "
+            f"holding {_visible(bundles[-1])}{head}, but only {len(fit)} node(s) of {where} "
+            f"hold one (no autoscaler to add more): {', '.join(fit)}; lower resources.hosts or add nodes")

@@ -22,7 +22,8 @@ A spec (all keys but ``name`` and ``base.dataset`` optional)::
     num_samples: 1                                 # repeats of the grid (random draws); repeat k
                                                    # has its own folder and seed (seed + k)
     max_concurrent: 2
-    resources: {cpu: 1, gpu: 0, tpu: 0, accelerator_type: null, custom: {}}
+    resources: {cpu: 1, gpu: 0, tpu: 0, accelerator_type: null, custom: {}, hosts: 1}
+                                                   # per host; tpu: v4-16 (a slice type) sets hosts
     scheduler: none                                # or {type: asha, metric, mode, ...}
     metric: val/acc                                # selection metric (validation accuracy)
     mode: max
@@ -54,7 +55,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import yaml
 
 from orchestrator import search as search_registry
-from orchestrator.devices import ray_bundle, trial_devices
+from orchestrator.devices import ray_bundle, trial_bundles, trial_devices, trial_hosts, tpu_slice
 from rcig.config import DATASET_PRESETS, PRESETS, ConfigError, DistillConfig, coerce, make_config
 
 # Spec blocks that are shorthands for config sections (`eval.runs` -> config `eval.runs`).
@@ -144,7 +145,7 @@ def from_mapping(cls: type, raw: Any, path: str, problems: list[str],
     Example:
         >>> problems = []
         >>> from_mapping(Resources, {"cpu": 0, "gpus": 1}, "resources", problems), problems
-        (None, ["resources.gpus: unknown key (did you mean 'gpu'?); known: cpu, gpu, tpu, accelerator_type, custom", 'resources.cpu: must be >= 1, got 0'])
+        (None, ["resources.gpus: unknown key (did you mean 'gpu'?); known: cpu, gpu, tpu, accelerator_type, custom, hosts", 'resources.cpu: must be >= 1, got 0'])
     """
     if raw is None:
         raw = {}
@@ -285,22 +286,50 @@ class SearchSpec(_Block):
         return out
 
 
+def _tpu_check(v: Any) -> str | None:
+    if isinstance(v, str):
+        try:
+            tpu_slice(v)
+        except ValueError as e:
+            return str(e)
+        return None
+    if v in TPU_CHIP_OPTIONS:
+        return None
+    return f"chips per host must be one of {list(TPU_CHIP_OPTIONS)} (or a slice type such as v4-16), got {v!r}"
+
+
 @dataclass(frozen=True)
 class Resources(_Block):
     """`resources:` what one trial holds; `orchestrator.devices.ray_bundle` is its Ray bundle."""
 
     cpu: int = spec_field(1, check=_at_least(1))
     gpu: int = spec_field(0, check=_at_least(0))
-    tpu: int = spec_field(0, check=lambda v: None if v in TPU_CHIP_OPTIONS else
-                          f"chips per trial must be one of {list(TPU_CHIP_OPTIONS)}, got {v!r}")
+    # Chips per host (0, 1, 2, 4, 8), or a TPU slice type (`v4-16`, `v5e-16`), which
+    # implies the hosts, the chips per host and the accelerator type.
+    tpu: int | str = spec_field(0, check=_tpu_check)
     accelerator_type: str | None = spec_field(
         None, check=lambda v: None if v else "must be a string such as A100 or TPU-V4")
     # Custom Ray resources a trial's node must offer (e.g. a TPU slice head's
     # `TPU-v4-8-head: 1`, or a label a node pool advertises): name -> amount.
     custom: dict[str, Any] = spec_field(default_factory=dict,
                                         parse=_mapping_of_str_keys("Ray resource names to amounts"))
+    # Hosts a trial spans, one process each (every count above is per host); a TPU slice
+    # type sets it.
+    hosts: int = spec_field(1, check=_at_least(1))
 
     def problems(self) -> list[tuple[str, str]]:
+        out = self._block_problems()
+        if isinstance(self.tpu, str):
+            sl = tpu_slice(self.tpu)
+            if self.hosts not in (1, sl.hosts):
+                out.append(("hosts", f"tpu {self.tpu} is a slice of {sl.hosts} host(s); "
+                                     f"leave hosts out or set it to {sl.hosts}, got {self.hosts}"))
+            if self.accelerator_type and self.accelerator_type != sl.accelerator_type:
+                out.append(("accelerator_type", f"tpu {self.tpu} is {sl.accelerator_type}; "
+                                                f"leave accelerator_type out, got {self.accelerator_type}"))
+        return out
+
+    def _block_problems(self) -> list[tuple[str, str]]:
         out = []
         for name, amount in self.custom.items():
             if name.upper() in ("CPU", "GPU", "TPU", "MEMORY") or name.startswith("accelerator_type:"):
@@ -384,8 +413,16 @@ class SweepSpec(_Block):
                            data_dir=self.data_dir)
 
     def ray_resources(self) -> dict[str, float]:
-        """Ray resource bundle of one trial (`orchestrator.devices.ray_bundle`)."""
+        """Ray resource bundle of a trial's first host (`orchestrator.devices.ray_bundle`)."""
         return ray_bundle(self.resources)
+
+    def ray_bundles(self) -> list[dict[str, float]]:
+        """One Ray bundle per host of a trial (`orchestrator.devices.trial_bundles`)."""
+        return trial_bundles(self.resources)
+
+    def hosts_per_trial(self) -> int:
+        """Hosts a trial spans (`resources.hosts`, or its TPU slice's)."""
+        return trial_hosts(self.resources)
 
     def accelerators_per_trial(self) -> tuple[int, str]:
         """(count, unit) of a trial's devices, billed as accelerator-seconds: TPU chips,

@@ -23,6 +23,12 @@ attempt's notice checkpoint is committed, and two attempts never write one folde
 76: another live attempt holds the folder; 77: the lease was taken over (this process
 looked dead), and it stopped writing at once.
 
+A multi-host trial (`orchestrator.multihost`) runs this module once per host; the job's
+``distributed`` entry (coordinator, process count, this process's index) makes it join
+the run with `rcig.multihost.initialize` before its first computation. Only process 0
+takes the lease and reports to the trial; the others compute their share and write
+their checkpoint shards.
+
 Example (what `orchestrator.trial` runs)::
 
     python -m orchestrator.trial_worker /tmp/job.json 5
@@ -100,32 +106,47 @@ def main(argv: list[str]) -> int:
         if os.getppid() != job["parent_pid"]:  # parent died before the death signal was armed
             os.kill(os.getpid(), signal.SIGTERM)
         from rcig.lease import LeaseHeld, acquire
+        from rcig.multihost import Distributed
+
+        dist = Distributed.from_dict(job.get("distributed"))
 
         def lost(why: str) -> None:  # another attempt owns the folder now: write nothing more
             emit({"event": "error", "traceback": why})
             os._exit(EXIT_LEASE_LOST)
 
-        try:
-            lease = acquire(job["out_uri"], info={"attempt": job["attempt"]}, on_lost=lost)
+        try:  # one writer per folder: process 0 of a multi-host trial holds it for all
+            if dist is None or dist.primary:
+                lease = acquire(job["out_uri"], info={"attempt": job["attempt"]}, on_lost=lost)
         except LeaseHeld as e:
             emit({"event": "error", "traceback": str(e)})
             return EXIT_LEASE_HELD
         try:
             from rcig.config import DistillConfig
             from rcig.distill import run_distillation
+            from rcig.multihost import initialize
+            from rcig.preemption import phase
 
+            devices = None
+            if dist is not None:  # every host of the trial joins before the first computation
+                with phase("connect", abortable=True):
+                    initialize(dist)
+                    import jax
+
+                    devices = jax.devices()
             cfg = DistillConfig.from_dict(job["config"])
             result = run_distillation(
                 cfg, job["out_uri"], run_eval=True, progress=False,
                 on_metrics=lambda s, m: emit({"event": "metrics", "step": int(s), "metrics": m}),
                 on_checkpoint=lambda s: emit({"event": "checkpoint", "step": int(s)}),
-                stop_requested=stop.requested,
+                stop_requested=stop.requested, devices=devices,
             )
         except BaseException:  # noqa: BLE001 - everything goes back to the parent
             emit({"event": "error", "traceback": traceback.format_exc()})
-            lease.release()
+            if lease is not None:
+                lease.release()
             return 1
-    lease.release()
+    if lease is not None:
+        lease.release()
     emit({"event": "result", **dataclasses.asdict(result)})
     if result.status != "completed":  # committed; do not spend the notice on shutdown
         from rcig.preemption import exit_preempted

@@ -12,6 +12,13 @@ already retry HTTP 5xx/429 and dropped connections with backoff. On top of that,
 save, restore and listing here gets a bounded retry: a save whose background write
 failed is written again from the same arrays, after its partial folder is removed.
 
+Several processes (`rcig.multihost`): every process calls `save`, `restore` and
+`latest_step` at the same points of the run; Orbax writes each process's shards of the
+arrays and commits the step once, after all have written (its barriers). Only process 0
+creates the folder and removes what an interrupted save left. The state restores onto
+any layout of the same devices (one process with 4 devices, or 2 with 2 each), because
+the restore target's shardings, not the saved ones, decide where the arrays go.
+
 Example:
     >>> store = CheckpointStore("/tmp/run1", keep=3)            # doctest: +SKIP
     >>> store.save(10, {"w": jnp.ones(3)}, {"ipc": 1})           # doctest: +SKIP
@@ -33,6 +40,7 @@ import jax
 
 from rcig import storage
 from rcig.config import run_differences
+from rcig.multihost import is_primary, process_count, sync
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +248,10 @@ class CheckpointStore:
         from etils import epath
 
         if not self._prepared:
-            epath.Path(self.uri).mkdir(parents=True, exist_ok=True)  # GCS: virtual, may stay absent
-            self._delete_uncommitted()
+            if is_primary():  # with several processes: process 0 alone, then all go on together
+                epath.Path(self.uri).mkdir(parents=True, exist_ok=True)  # GCS: virtual, may stay absent
+                self._delete_uncommitted()
+            sync("rcig-checkpoint-prepare")
             self._prepared = True
 
     def _committed_steps(self) -> list[int]:
@@ -268,19 +278,21 @@ class CheckpointStore:
     def _finish_pending(self) -> None:
         if self._pending is None:
             return
-        step, state, config, final = self._pending
         try:
             self._mgr.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            self._pending = None
-            self._save_again(step, state, config, final, e, "background save failed")
+            self._save_again(e, "background save failed")
         self._pending = None
 
-    def _save_again(self, step: int, state, config: dict, final: bool, exc: BaseException,
-                    what: str) -> None:
-        """A save hit a fault: write the step again, synchronously, with bounded retries
-        (or raise `CheckpointError` if the fault is not one a retry can cure)."""
-        if not _save_retryable(exc):
+    def _save_again(self, exc: BaseException, what: str) -> None:
+        """The pending save hit a fault (while starting, or in the background): write that
+        step again, synchronously, with bounded retries, or raise `CheckpointError` if the
+        fault is not one a retry can cure. With several processes a save is collective and
+        a retry on one process alone would wait for the others forever: it raises, and the
+        run resumes from its last committed step."""
+        step, state, config, final = self._pending
+        self._pending = None
+        if not _save_retryable(exc) or process_count() > 1:
             raise CheckpointError(f"{self.uri} step {step}: save failed: {exc}") from exc
         log.warning("%s step %d: %s (%s); writing it again", self.uri, step, what, exc)
         self._retry("save", step, lambda: self._write_sync(step, state, config, final),
@@ -320,8 +332,7 @@ class CheckpointStore:
         try:
             self._launch(step, state, config, final)
         except Exception as e:  # noqa: BLE001 - the blocking part of the save hit a fault
-            self._pending = None
-            self._save_again(step, state, config, final, e, "save failed")
+            self._save_again(e, "save failed")
             return True
         if not self.async_save:
             self._finish_pending()
