@@ -5,15 +5,16 @@
   (every listed value, or a range's ends), and the Tune domain they become.
 - `SEARCHERS`: `search.algorithm` (`random`, `grid`, `optuna`): what it accepts, and the
   Tune search algorithm it builds.
-- `SCHEDULERS`: `scheduler` (`none`/`fifo`, `asha`): its options (a frozen dataclass the
-  spec loader fills and checks), what it needs of the trials, and the Tune scheduler.
+- `SCHEDULERS`: `scheduler` (`none`/`fifo`, `asha`, `pbt`): its options (a frozen
+  dataclass the spec loader fills and checks), what it needs of the trials and of the
+  rest of the spec, and the Tune scheduler.
 
 `build_search(spec)` is all `orchestrator.sweep.build_tuner` needs. Validation never
 imports Ray; construction does.
 
 Example:
     >>> sorted(SEARCHERS), sorted(SCHEDULERS)
-    (['grid', 'optuna', 'random'], ['asha', 'fifo', 'none'])
+    (['grid', 'optuna', 'random'], ['asha', 'fifo', 'none', 'pbt'])
     >>> DISTRIBUTIONS["randint"].probes([2, 5])
     [2, 3, 4]
 """
@@ -21,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -227,15 +228,137 @@ def _asha(opts: AshaOptions, spec: "SweepSpec") -> Any:
                          max_t=opts.max_t or max_steps(spec) + 1)
 
 
+# Fields a PBT exploit may perturb: used by the compiled step as constants (a restarted
+# trial compiles with the new value) and held nowhere in the state, so the donor's state
+# continues exactly under the new value. Not `inner.lr` / `hinv.lr`: they only seed
+# `state["lr"]` (adapted online), which an exploit inherits from the donor as it is.
+PBT_MUTABLE: dict[str, str] = {
+    "outer.proto_lr": "coreset (images and labels) learning rate",
+    "outer.temp_lr": "temperature learning rate",
+    "pool.lr": "learning rate of the model pool trained online (the inner networks)",
+}
+_STATE_HELD = {"inner.lr": "state.lr.inner", "hinv.lr": "state.lr.hvp"}
+
+
+def _str_list(value: Any, key: str, problems: list[str]) -> Any:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        problems.append(f"{key}: must be a list of search.space keys, got {value!r}")
+        return ()
+    return tuple(value)
+
+
+def _factors(value: Any, key: str, problems: list[str]) -> Any:
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(_is_num(v) and v > 0 for v in value)):
+        problems.append(f"{key}: must be a list of numbers > 0 such as [1.2, 0.8], got {value!r}")
+        return (1.2, 0.8)
+    return tuple(float(v) for v in value)
+
+
+@dataclass(frozen=True)
+class PbtOptions:
+    """`scheduler: {type: pbt, metric, mode, perturbation_interval, mutations, ...}`
+    (`orchestrator.pbt`). Every `perturbation_interval` outer steps (counted on the step
+    of the intermediate metric, `val/step`) a trial in the bottom `quantile_fraction`
+    copies a top trial's committed checkpoint and perturbs `mutations` (search.space keys;
+    default: all of them): a range's value times one of `perturbation_factors`, or, with
+    `resample_probability`, a fresh draw; a listed value moves to a neighbour."""
+
+    metric: str
+    type: str = "pbt"
+    mode: Literal["min", "max"] = "max"
+    perturbation_interval: int = 25
+    burn_in: int = 0
+    mutations: tuple = field(default=(), metadata={"parse": _str_list})
+    quantile_fraction: float = 0.25
+    resample_probability: float = 0.25
+    perturbation_factors: tuple = field(default=(1.2, 0.8), metadata={"parse": _factors})
+    synch: bool = False
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.metric:
+            out.append(("metric", "must name an intermediate metric such as val/acc"))
+        if self.perturbation_interval < 1:
+            out.append(("perturbation_interval", f"must be >= 1, got {self.perturbation_interval}"))
+        if self.burn_in < 0:
+            out.append(("burn_in", f"must be >= 0, got {self.burn_in}"))
+        if not 0 < self.quantile_fraction <= 0.5:
+            out.append(("quantile_fraction", f"must be in (0, 0.5], got {self.quantile_fraction}"))
+        if not 0 <= self.resample_probability <= 1:
+            out.append(("resample_probability", f"must be in [0, 1], got {self.resample_probability}"))
+        return out
+
+
+def pbt_mutations(opts: PbtOptions, space: Mapping[str, Any]) -> list[str]:
+    """The search.space keys a PBT sweep perturbs."""
+    return list(opts.mutations) if opts.mutations else list(space)
+
+
+def _pbt_trial_problems(opts: PbtOptions, steps: Sequence[int]) -> list[tuple[str, str]]:
+    if steps and opts.perturbation_interval + opts.burn_in >= min(steps):
+        return [("scheduler.perturbation_interval", f"{opts.perturbation_interval} (after burn_in "
+                 f"{opts.burn_in}) is not below the {min(steps)} steps a trial runs; no trial "
+                 f"would ever exploit another (lower it, or raise steps)")]
+    return []
+
+
+def _pbt_spec_problems(opts: PbtOptions, raw: Mapping[str, Any], cfg: Any) -> list[tuple[str, str]]:
+    """What PBT needs of the rest of the spec (`cfg`: the base config)."""
+    search = raw.get("search") if isinstance(raw.get("search"), Mapping) else {}
+    space = search.get("space") if isinstance(search.get("space"), Mapping) else {}
+    out = []
+    algo = search.get("algorithm", "random")
+    if algo not in ("random", "grid"):
+        out.append(("search.algorithm", f"pbt draws its population with `random` or `grid`; "
+                    f"{algo} proposes trials itself, which Tune's PBT cannot take"))
+    keys = pbt_mutations(opts, space)
+    if not keys:
+        out.append(("scheduler.mutations", f"nothing to perturb: give search.space entries for "
+                    f"{', '.join(PBT_MUTABLE)}"))
+    for k in keys:
+        if k not in space:
+            out.append((f"scheduler.mutations", f"{k} is not a search.space key; PBT perturbs "
+                        f"searched fields only"))
+        elif k in _STATE_HELD:
+            out.append((f"search.space.{k}", f"a checkpoint holds this rate ({_STATE_HELD[k]}, "
+                        f"adapted online) and an exploit inherits the donor's; PBT can perturb "
+                        f"{', '.join(PBT_MUTABLE)}"))
+        elif k not in PBT_MUTABLE:
+            out.append((f"search.space.{k}", f"PBT cannot perturb {k} on a running trial; it can "
+                        f"perturb {', '.join(PBT_MUTABLE)} (list the others' keys out of "
+                        f"scheduler.mutations)"))
+    every = getattr(getattr(cfg, "eval", None), "every_steps", 0)
+    if every and opts.perturbation_interval % every:
+        out.append(("scheduler.perturbation_interval", f"{opts.perturbation_interval} is not a "
+                    f"multiple of eval.every_steps ({every}): PBT decides on fresh estimates"))
+    ck = getattr(getattr(cfg, "checkpoint", None), "every_steps", 0)
+    if not ck or opts.perturbation_interval % ck:
+        out.append(("checkpoint.every_steps", f"{ck} does not divide scheduler.perturbation_interval "
+                    f"({opts.perturbation_interval}): an exploit copies the donor's checkpoint at "
+                    f"the step it was ranked on"))
+    return out
+
+
+def _pbt(opts: PbtOptions, spec: "SweepSpec") -> Any:
+    from orchestrator.pbt import build_pbt
+
+    return build_pbt(opts, spec)
+
+
 @dataclass(frozen=True)
 class Scheduler:
     """A `scheduler` type: its options class (None: takes none, Tune's FIFO), what it
-    needs of the trials' step counts, and how to build it."""
+    needs of the trials' step counts and of the rest of the spec (raw spec, base config),
+    and how to build it."""
 
     name: str
     options: type | None
     trial_problems: Callable[[Any, Sequence[int]], list[tuple[str, str]]] | None
     build: Callable[[Any, "SweepSpec"], Any] | None
+    spec_problems: Callable[[Any, Mapping[str, Any], Any], list[tuple[str, str]]] | None = None
 
 
 SCHEDULERS: dict[str, Scheduler] = {
@@ -243,6 +366,7 @@ SCHEDULERS: dict[str, Scheduler] = {
         Scheduler("none", None, None, None),
         Scheduler("fifo", None, None, None),
         Scheduler("asha", AshaOptions, _asha_trial_problems, _asha),
+        Scheduler("pbt", PbtOptions, _pbt_trial_problems, _pbt, _pbt_spec_problems),
     )
 }
 
@@ -251,11 +375,12 @@ def build_search(spec: "SweepSpec", restored_space: bool = False) -> tuple[Any, 
     """(search_alg, scheduler, metric, mode, max_concurrent_trials) for `tune.TuneConfig`.
 
     `restored_space`: the param space is a fixed list of recorded trials (a sweep rebuilt
-    from its manifest), which only the basic generator can replay.
+    from its manifest), which only the basic generator can replay; PBT's population state
+    went with Ray's, so its trials then run to their end under FIFO.
     """
     scheduler = None
     metric, mode = spec.metric, spec.mode
-    if spec.scheduler is not None:
+    if spec.scheduler is not None and not (restored_space and spec.scheduler.type == "pbt"):
         entry = SCHEDULERS[spec.scheduler.type]
         scheduler = entry.build(spec.scheduler, spec)
         metric = mode = None  # Tune refuses a metric set in both places

@@ -181,6 +181,10 @@ def trial_problems(raw: Mapping[str, Any], *, check_data: bool = False) -> list[
         entry = search_registry.SCHEDULERS.get(getattr(sched, "type", ""))
         if entry is not None and entry.trial_problems is not None:
             problems.extend(f"{k}: {m}" for k, m in entry.trial_problems(sched, steps))
+    if sched is not None and sched is not _BAD:  # what the scheduler needs of the rest of the spec
+        entry = search_registry.SCHEDULERS.get(getattr(sched, "type", ""))
+        if entry is not None and entry.spec_problems is not None:
+            problems.extend(f"{k}: {m}" for k, m in entry.spec_problems(sched, raw, cfg))
     return list(dict.fromkeys(problems))  # one line per distinct problem, in order
 
 

@@ -10,8 +10,12 @@ experiment state *and* our manifest (`orchestrator.manifest`), so `status`, `bes
   (`orchestrator.preflight`), run the Tuner. Launching into an existing sweep folder adopts
   the trials already there (finished ones are not rerun).
 - `resume(name_or_uri)`: `Tuner.restore` (unfinished and errored trials continue, with a
-  fresh failure budget; finished ones are not rerun). If Ray's state is missing or
-  damaged (e.g. a truncated `tuner.pkl`), the sweep is rebuilt from our manifest instead.
+  fresh failure budget; finished ones are not rerun), with the searcher's and scheduler's
+  own saved state (Optuna's study: `orchestrator.optuna_search`; PBT's trial folders and
+  pointers: `orchestrator.pbt`). A searcher's proposal made after Ray's last save is
+  closed as STOPPED and replaced (`_stop_orphans`). If Ray's state is missing or damaged
+  (e.g. a truncated `tuner.pkl`), the sweep is rebuilt from our manifest instead: each
+  recorded trial in its own folder (PBT trials with their current parameters, under FIFO).
 
 Example:
     >>> out = launch("sweeps/quickstart.yaml", sets=["steps=10"])   # doctest: +SKIP
@@ -204,6 +208,8 @@ def resume(name_or_uri: str, address: str | None = None, shared_storage: bool = 
                              f"({type(e).__name__}: {e}); resuming from the rcig manifest")
     else:
         out.notes.append(f"no Ray experiment state in {sweep_uri}; resuming from the rcig manifest")
+    if tuner is not None and spec.searcher_proposes():
+        out.notes += _stop_orphans(sweep_uri, exp_path, fs, records)
     if tuner is not None:  # the callbacks pickled at launch would track to the old places
         tracking.replace_in_restored(tuner, tracking.callbacks(sweep_uri, spec, mlflow))
     if tuner is None:
@@ -214,6 +220,30 @@ def resume(name_or_uri: str, address: str | None = None, shared_storage: bool = 
     return out
 
 
+def _stop_orphans(sweep_uri: str, exp_path: str, fs: Any, records: list[mf.TrialRecord]) -> list[str]:
+    """A searcher's proposal that started after Ray last saved the experiment (at most
+    every ~10 s) is in neither Ray's restored state nor the restored searcher: nothing will
+    run it again, and the searcher proposes another trial in its place. Its record is
+    closed as STOPPED (kept with what it reached, never rerun); one note per trial."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        known = {t.trial_id for t in ExperimentAnalysis(exp_path, storage_filesystem=fs).trials}
+    except Exception:  # noqa: BLE001 - unreadable: leave the records as they are
+        return []
+    notes = []
+    for rec in records:
+        ids = {h.get("ray_trial_id") for h in rec.history} - {None}
+        if rec.status in mf.FINAL_STATES or not ids or ids & known:
+            continue
+        mf.RecordStore(sweep_uri, rec.key).update(
+            lambda cur: lc.stopped_by_scheduler(cur, time.time()) if cur else None)
+        notes.append(f"trial {rec.key} started after Ray's last save of the sweep; its searcher "
+                     f"does not know it, so it stays STOPPED at step {rec.step} and another "
+                     f"proposal takes its place")
+    return notes
+
+
 def _manifest_space(spec: SweepSpec, records: list[mf.TrialRecord], out: SweepOutcome) -> dict[str, Any] | None:
     """Param space to rebuild a sweep without Ray's state: the spec's own grid if it is
     deterministic (trials adopt their folders), else the recorded trials' params."""
@@ -221,11 +251,13 @@ def _manifest_space(spec: SweepSpec, records: list[mf.TrialRecord], out: SweepOu
 
     from orchestrator.trial import RECORDED_KEY
 
-    if all("grid" in d for d in spec.space.values()) and not spec.searcher_proposes():
+    pbt = getattr(spec.scheduler, "type", None) == "pbt"  # exploits changed their configs
+    if all("grid" in d for d in spec.space.values()) and not spec.searcher_proposes() and not pbt:
         return None  # deterministic: the same trials (and sample indices) again
     missing = spec.grid_size() - len(records)
     if missing > 0:
         out.notes.append(f"{missing} sampled trial(s) had not started; run `rcig sweep launch` "
                          f"on the spec again to create them")
-    return {RECORDED_KEY: tune.grid_search([{"params": rec.params, "sample": rec.sample}
+    # Each record's own folder key: a PBT trial's current params no longer hash to it.
+    return {RECORDED_KEY: tune.grid_search([{"params": rec.params, "sample": rec.sample, "key": rec.key}
                                             for rec in records])}

@@ -75,7 +75,7 @@ MALFORMED = [
     ("cpu-zero", GOOD + "resources: {cpu: 0}\n", "resources.cpu", ">= 1"),
     ("resource-typo", GOOD + "resources: {gpus: 1}\n", "resources.gpus", "did you mean 'gpu'"),
     ("asha-metric", GOOD + "scheduler: {type: asha}\n", "scheduler.metric", "missing"),
-    ("scheduler-type", GOOD + "scheduler: {type: pbt, metric: outer/loss}\n", "scheduler.type", "asha"),
+    ("scheduler-type", GOOD + "scheduler: {type: hyperband, metric: outer/loss}\n", "scheduler.type", "asha"),
     ("mode", GOOD + "mode: maximize\n", "mode", "expected one of ['min', 'max']"),
     ("max-failures", GOOD + "max_failures: -1\n", "max_failures", ">= 0"),
     ("concurrency", GOOD + "max_concurrent: 0\n", "max_concurrent", ">= 1"),
