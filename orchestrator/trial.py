@@ -41,9 +41,10 @@ from typing import Any, Mapping
 from orchestrator import lifecycle as lc
 from orchestrator import manifest as mf
 from orchestrator.spec import SweepSpec
-from orchestrator.trial_worker import EXIT_LEASE_LOST, EXIT_PREEMPTED
+from orchestrator.trial_worker import EXIT_LEASE_LOST
 from rcig import storage
 from rcig.config import identity_hash
+from rcig.preemption import EXIT_PREEMPTED
 
 PARAMS_KEY = "_rcig_params"  # (older sweeps) resume fallback: recorded params
 RECORDED_KEY = "_rcig_recorded"  # resume fallback: {"params": ..., "sample": ...} of a record
@@ -115,7 +116,15 @@ def make_trainable(ctx: TrialContext):
     def rcig_trial(config: dict) -> None:
         run_trial(config, ctx)
 
-    return tune.with_resources(rcig_trial, ctx.spec.ray_resources())
+    return tune.with_resources(rcig_trial, _trial_resources(ctx.spec))
+
+
+def _trial_resources(spec: SweepSpec):
+    """One host: its bundle; several: a STRICT_SPREAD placement group, one bundle per host
+    (`orchestrator.multihost`)."""
+    from orchestrator.multihost import trainable_resources
+
+    return trainable_resources(spec)
 
 
 def final_metrics(rec: mf.TrialRecord, trial_uri: str, spec: SweepSpec) -> dict[str, Any]:
@@ -270,6 +279,9 @@ def _run_child(rec: mf.TrialRecord, cfg, uri: str, ctx: TrialContext,
 
     job = {"config": cfg.to_dict(), "out_uri": uri, "attempt": rec.attempts,
            "parent_pid": os.getpid()}
+    hosts = _host_group(ctx.spec)
+    if hosts is not None:
+        job["distributed"] = hosts.distributed(0)
     fd, job_path = tempfile.mkstemp(prefix="rcig-trial-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(job, f)
@@ -281,6 +293,8 @@ def _run_child(rec: mf.TrialRecord, cfg, uri: str, ctx: TrialContext,
             env=_child_env(ctx.spec), pass_fds=(w,), cwd=REPO_ROOT, start_new_session=True)
     finally:
         os.close(w)
+    if hosts is not None:
+        _start_hosts(hosts, job, proc)
     news: dict[str, Any] = {"pid": proc.pid}  # progress not yet written to the record
 
     def flush() -> None:
@@ -330,9 +344,51 @@ def _run_child(rec: mf.TrialRecord, cfg, uri: str, ctx: TrialContext,
             except subprocess.TimeoutExpired:
                 proc.kill()
         os.unlink(job_path)
+        if hosts is not None:
+            hosts.stop()
     if news:
         flush()
-    return _ending(code, result, error)
+    ending = _ending(code, result, error)
+    return ending if hosts is None else _hosts_ending(ending, code, hosts)
+
+
+# ---- several hosts (orchestrator.multihost): kept apart from the one-host path ----------
+def _host_group(spec: SweepSpec):
+    """The other hosts of a multi-host trial (None for one host), with its coordinator."""
+    bundles = spec.ray_bundles()
+    if len(bundles) == 1:
+        return None
+    from orchestrator.multihost import HostGroup
+
+    return HostGroup(bundles, spec.resources.as_dict()).prepare()
+
+
+def _start_hosts(hosts, job: dict, proc: subprocess.Popen) -> None:
+    """Start processes 1..N-1; if one ends before process 0, stop process 0 (SIGTERM: it
+    checkpoints if the hosts can still agree, else its stop deadline ends it)."""
+    def on_peer_end(end) -> None:
+        print(f"rcig: {end.describe()}; stopping the trial's other hosts", file=sys.stderr, flush=True)
+        if proc.poll() is None:
+            proc.terminate()
+
+    peer_job = {k: v for k, v in job.items() if k not in ("distributed", "parent_pid")}
+    try:
+        hosts.start(peer_job, on_peer_end)
+    except BaseException:
+        proc.terminate()
+        raise
+
+
+def _hosts_ending(ending: lc.Ending, code: int, hosts) -> lc.Ending:
+    """A multi-host attempt's ending: process 0's, unless another host ended first."""
+    from orchestrator.multihost import attempt_ending
+
+    kind, error = attempt_ending(code, hosts.first_end, ending.kind)
+    if kind == ending.kind and error is None:
+        return ending
+    if kind == "failed":
+        return dataclasses.replace(ending, kind=kind, error=error, metrics={}, eval=None)
+    return dataclasses.replace(ending, kind=kind, error=None, metrics={}, eval=None)
 
 
 def _lines(fd: int, idle_s: float):
