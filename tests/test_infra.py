@@ -25,9 +25,13 @@ from orchestrator.cluster import ClusterConfigError
 from orchestrator.devices import (
     clean_stale_libtpu_lockfile,
     configure_trial_devices,
+    ray_bundle,
+    tpu_slice,
+    trial_bundles,
     trial_device_env,
 )
 from orchestrator.kuberay import raycluster_node_types
+from orchestrator.preflight import covers
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -157,7 +161,10 @@ def test_gpu_vm_without_terminate_on_maintenance_is_rejected(tmp_path):
 def test_node_types_satisfying_matches_bundles():
     config = yaml.safe_load(LAUNCHERS["tpu"].read_text())
     tpu_v4 = cluster.bundle_from_resources({"cpu": 8, "tpu": 4, "accelerator_type": "TPU-V4"})
-    assert cluster.node_types_satisfying(config, tpu_v4) == ["tpu_v4_8"]
+    # a one-host v4 trial fits a v4-8, and also one host of a v4-16 slice
+    assert sorted(cluster.node_types_satisfying(config, tpu_v4)) == ["tpu_v4_16", "tpu_v4_8"]
+    # a v4-16 trial: its first host asks the slice head, which only the slice type offers
+    assert cluster.node_types_satisfying(config, cluster.bundle_from_resources({"cpu": 8, "tpu": "v4-16"})) == ["tpu_v4_16"]
     # v5e is declared but disabled (max_workers: 0) in the v4 zone: never launchable here
     v5e = cluster.bundle_from_resources({"tpu": 8, "accelerator_type": "TPU-V5LITEPOD"})
     assert cluster.node_types_satisfying(config, v5e) == []
@@ -175,8 +182,7 @@ def test_spec_that_cannot_fit_is_reported(tmp_path):
 
 
 def test_shipped_specs_fit_some_node_type_of_each_cluster():
-    if not SPECS:
-        pytest.skip("no sweeps/*.yaml shipped yet")
+    assert SPECS, f"no sweep specs found by {ROOT / 'sweeps'}/*.yaml"
     clusters = {name: yaml.safe_load(p.read_text()) for name, p in LAUNCHERS.items()}
     clusters["gke"] = raycluster_node_types(_one("RayCluster"))
     for spec in SPECS:
@@ -187,6 +193,24 @@ def test_shipped_specs_fit_some_node_type_of_each_cluster():
         for name in targets:
             fits = cluster.node_types_satisfying(clusters[name], bundle)
             assert fits, f"{spec.name} asks {bundle} per trial; no node type of {name} offers it"
+
+
+def test_tpu_launcher_has_a_spot_multi_host_slice_type():
+    """The v4-16 node type is a 2-host slice whose hosts each hold one host bundle of a
+    `tpu: v4-16` trial (the first one with the slice head), as Ray's TPU support names them."""
+    config = yaml.safe_load(LAUNCHERS["tpu"].read_text())
+    t = config["available_node_types"]["tpu_v4_16"]
+    sl = tpu_slice(t["node_config"]["acceleratorType"])
+    assert (sl.name, sl.hosts, sl.chips_per_host) == ("v4-16", 2, 4)
+    assert t["node_config"]["schedulingConfig"] == {"preemptible": True} and t["min_workers"] == 0
+    assert t["resources"]["TPU"] == sl.chips_per_host and t["resources"][sl.head_resource] == 1
+    assert t["resources"][f"accelerator_type:{sl.accelerator_type}"] == 1
+    bundles = trial_bundles({"cpu": 8, "tpu": "v4-16"})
+    assert len(bundles) == sl.hosts and bundles[0][sl.head_resource] == 1
+    assert cluster.node_types_satisfying(config, bundles[0]) == ["tpu_v4_16"]
+    assert all("tpu_v4_16" in cluster.node_types_satisfying(config, b) for b in bundles[1:])
+    steps = " ; ".join(t["worker_setup_commands"])
+    assert '"jax[tpu]"' in steps and "-e ~/rcig-sweep" in steps
 
 
 # ---- KubeRay manifests --------------------------------------------------------------------
@@ -212,8 +236,7 @@ def test_gke_manifests_parse_and_have_kuberay_fields():
 
 
 def test_rayjob_runs_a_shipped_spec():
-    if not SPECS:
-        pytest.skip("no sweeps/*.yaml shipped yet")
+    assert SPECS, f"no sweep specs found by {ROOT / 'sweeps'}/*.yaml"
     entry = _one("RayJob")["spec"]["entrypoint"]
     spec = re.search(r"/home/ray/rcig-sweep/(sweeps/\S+\.yaml)", entry).group(1)
     assert (ROOT / spec).is_file(), f"rayjob.yaml runs {spec}, which is not in the repository"
@@ -246,6 +269,30 @@ def test_gke_groups_ask_what_the_readme_promises():
         if "google.com/tpu" in resource:
             assert "google.com/tpu" in tolerated
         assert pod["serviceAccountName"] == "rcig-ray"
+
+
+def test_gke_multi_host_tpu_group_is_one_slice_per_replica():
+    """numOfHosts pods of one replica form one slice: hosts x chips per pod = the chips of
+    the topology, and each pod holds one host bundle of a `tpu: v4-16` trial (KubeRay's
+    autoscaler adds the slice head resource to worker 0 of each replica)."""
+    groups = {g["groupName"]: g for g in _one("RayCluster")["spec"]["workerGroupSpecs"]}
+    multi = [g for g in groups.values() if g.get("numOfHosts", 1) > 1]
+    assert [g["groupName"] for g in multi] == ["tpu-v4-2x2x2"]
+    g = multi[0]
+    pod = g["template"]["spec"]
+    topology = pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"]
+    chips = 1
+    for d in topology.split("x"):
+        chips *= int(d)
+    per_pod = int(pod["containers"][0]["resources"]["limits"]["google.com/tpu"])
+    sl = tpu_slice("v4-16")
+    assert (g["numOfHosts"], per_pod, chips) == (sl.hosts, sl.chips_per_host, sl.chips)
+    assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"] == "tpu-v4-podslice"
+    assert pod["nodeSelector"]["cloud.google.com/gke-spot"] == "true"
+    assert g["minReplicas"] == g["replicas"] == 0
+    offered = raycluster_node_types(_one("RayCluster"))["available_node_types"][g["groupName"]]["resources"]
+    host = {k: v for k, v in ray_bundle({"cpu": 8, "tpu": "v4-16"}).items() if k != sl.head_resource}
+    assert covers(offered, host), (offered, host)
 
 
 def test_manifests_reference_no_key_files_or_secrets():
@@ -376,6 +423,13 @@ def test_gpu_trial_turns_preallocation_off_and_keeps_user_choices():
     mine = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.3", "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
     env = trial_device_env({"GPU": 2}, mine)
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.3" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+
+
+def test_multi_host_trial_env_is_per_host():
+    """Each host's process of a 2-host trial sees its own 2 CPU devices (4 in the mesh)."""
+    env = trial_device_env({"cpu": 2, "hosts": 2}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert env == {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert trial_device_env({"cpu": 8, "tpu": "v4-16"}, {}) == {"JAX_PLATFORMS": "tpu,cpu"}
 
 
 def test_tpu_trial_leaves_ray_chip_assignment_alone():
