@@ -32,6 +32,7 @@ class MLflowCallback(MLflowLoggerCallback):
         self.sweep_uri = storage.normalize(sweep_uri)
         self.spec = spec
         self._runs: dict[str, str] = {}
+        self._seen: dict[str, str] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -46,8 +47,8 @@ class MLflowCallback(MLflowLoggerCallback):
     def _client(self):
         return self.mlflow_util._get_client()
 
-    def _run_id(self, trial) -> str:
-        key = _key(self.spec, trial)
+    def _run_id(self, trial, result: dict | None = None) -> str:
+        key = _key(self.spec, trial, result, self._seen)
         if key in self._runs:
             return self._runs[key]
         client = self._client()
@@ -82,14 +83,14 @@ class MLflowCallback(MLflowLoggerCallback):
             if not values:
                 return
             now = int(time.time() * 1000)
-            self._client().log_batch(self._run_id(trial), metrics=[
+            self._client().log_batch(self._run_id(trial, result), metrics=[
                 Metric(k, v, now, step) for k, v in sorted(values.items())])
         except Exception as e:  # noqa: BLE001
             _warn(f"MLflow: a result of trial {trial.trial_id} not logged", e)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         try:
-            key = _key(self.spec, trial)
+            key = _key(self.spec, trial, seen=self._seen)
             run_id = self._run_id(trial)
             client = self._client()
             try:

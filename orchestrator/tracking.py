@@ -85,7 +85,17 @@ def scalars(result: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
     return int(step), out
 
 
-def _key(spec: SweepSpec, trial) -> str:
+def _key(spec: SweepSpec, trial, result: Mapping[str, Any] | None = None,
+         seen: dict[str, str] | None = None) -> str:
+    """The trial's folder key: as its results name it (`rcig/trial_key`; remembered in
+    `seen` by Tune trial id), else from its config."""
+    named = (result or {}).get("rcig/trial_key")
+    if isinstance(named, str) and named:
+        if seen is not None:
+            seen[trial.trial_id] = named
+        return named
+    if seen and trial.trial_id in seen:
+        return seen[trial.trial_id]
     from orchestrator.trial import key_of
 
     return key_of(spec, trial.config, trial.trial_id)
@@ -117,6 +127,7 @@ class TensorBoardCallback(TBXLoggerCallback):
         self._last: dict[str, dict[str, float]] = {}
         self._uploaded: dict[str, float] = {}
         self._staging: str | None = None
+        self._seen: dict[str, str] = {}
 
     def __getstate__(self):  # pickled into Tune's tuner.pkl: no open writers, no temp dirs
         state = self.__dict__.copy()
@@ -155,13 +166,13 @@ class TensorBoardCallback(TBXLoggerCallback):
 
     def log_trial_start(self, trial) -> None:
         try:
-            self._writer(_key(self.spec, trial))
+            self._writer(_key(self.spec, trial, seen=self._seen))
         except Exception as e:  # noqa: BLE001 - tracking must never stop the sweep
             _warn(f"TensorBoard: trial {trial.trial_id} not logged", e)
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         try:
-            key = _key(self.spec, trial)
+            key = _key(self.spec, trial, result, self._seen)
             w = self._writer(key)
             step, values = scalars(result)
             for tag, v in sorted(values.items()):
@@ -174,7 +185,7 @@ class TensorBoardCallback(TBXLoggerCallback):
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         try:
-            key = _key(self.spec, trial)
+            key = _key(self.spec, trial, seen=self._seen)
             if key not in self._writers:
                 return
             w = self._writers.pop(key)
