@@ -153,6 +153,27 @@ def test_mlflow_runs_hold_searched_params_and_metrics(tracked):
 
 @pytest.mark.slow
 @pytest.mark.ray
+def test_report_search_panel_of_the_sweep(tracked):
+    """`rcig report` of the real ASHA sweep: the stopped trial on its reached estimate,
+    its curve ending at the rung; the finished one's curve ending at its final evaluation."""
+    from orchestrator.report import build_report, search_data
+
+    strong, weak = tracked.strong, tracked.weak
+    rep = build_report(tracked.out.sweep_uri)
+    data = search_data(rep)
+    points = {p["key"]: (p["state"], p["value"]) for p in data["points"]}
+    assert points == {strong.key: (mf.COMPLETED, pytest.approx(strong.eval["val_mean"])),
+                      weak.key: (mf.STOPPED, pytest.approx(weak.metrics["val/acc"]))}
+    curves = {c["key"]: c for c in data["curves"]}
+    assert (curves[weak.key]["steps"], curves[weak.key]["final"]) == ([5], None)
+    assert curves[strong.key]["steps"] == [5, 10]
+    assert curves[strong.key]["final"] == pytest.approx(strong.eval["val_mean"])
+    assert sorted(rep.search) == ["curves", "params"]
+    assert 'data-completed="1" data-stopped="1"' in rep.html
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_resume_logs_to_the_same_runs(tracked):
     """`rcig sweep resume` without `--mlflow` logs where the launch did, into each trial's
     own run (no second run per trial). Ray's state is moved aside, so the sweep is rebuilt
@@ -160,6 +181,23 @@ def test_resume_logs_to_the_same_runs(tracked):
     from orchestrator.sweep import resume
 
     out, strong, weak = tracked.out, tracked.strong, tracked.weak
+    # Through Ray's state: Tune.restore brings back the callbacks pickled at launch (the
+    # MLflow one with the launch's URI); resume swaps in fresh ones (here: another URI).
+    from ray import tune
+
+    from orchestrator.mlflow_tracking import MLflowCallback
+    from orchestrator.spec import spec_from_raw
+    from orchestrator.trial import TrialContext, make_trainable
+
+    spec = spec_from_raw(mf.read_manifest(out.sweep_uri)["spec"])
+    tuner = tune.Tuner.restore(out.sweep_uri, trainable=make_trainable(TrialContext(out.sweep_uri, spec)))
+    pickled = tuner._local_tuner.get_run_config().callbacks
+    assert [c.tracking_uri for c in pickled if isinstance(c, MLflowCallback)] == [tracked.store]
+    assert tracking.replace_in_restored(tuner, tracking.callbacks(out.sweep_uri, spec, "file:///elsewhere"))
+    now = tuner._local_tuner.get_run_config().callbacks
+    assert [type(c).__name__ for c in now] == ["BudgetCallback", "TensorBoardCallback", "MLflowCallback"]
+    assert now[2].tracking_uri == "file:///elsewhere"
+    # Without Ray's state: the sweep is rebuilt from the manifest.
     os.rename(os.path.join(out.sweep_uri, "tuner.pkl"), os.path.join(out.sweep_uri, "tuner.pkl.aside"))
     again = resume(out.sweep_uri)
     assert again.counts == {mf.COMPLETED: 1, mf.STOPPED: 1}, again
