@@ -19,8 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -32,7 +30,7 @@ from orchestrator import manifest as mf
 from orchestrator.locate import resolve_sweep
 from orchestrator.results import (SELECT_METRIC, metric_value, price_of, ranking_metric, trial_row,
                                   with_reached)
-from rcig import storage
+from rcig import run_folder, storage
 
 IN_PROGRESS = (mf.RUNNING, mf.PENDING, mf.PREEMPTED, mf.FAILED)
 
@@ -83,42 +81,6 @@ class Report:
 
 
 # ---- reading one trial ------------------------------------------------------------------
-def read_metrics(uri: str) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl (torn or non-object lines skipped); [] if absent.
-
-    Example:
-        >>> read_metrics("/nonexistent/metrics.jsonl")
-        []
-    """
-    if not storage.exists(uri):
-        return []
-    rows = []
-    for line in storage.read_text(uri).splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
-
-
-def _read_json(uri: str, notes: list[str], key: str) -> dict[str, Any] | None:
-    if not storage.exists(uri):
-        return None
-    try:
-        doc = json.loads(storage.read_text(uri))
-    except (ValueError, OSError) as e:
-        notes.append(f"trial {key}: {uri} unreadable ({_one_line(e)})")
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _read_npz(uri: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
 
@@ -132,13 +94,13 @@ def _figures(view: TrialView, tdir: str) -> None:
             view.images["curves"] = figs.curves_figure(view.metrics, view.eval, _eval_step(view))
         except Exception as e:  # a plot must never sink the report
             view.notes.append(f"trial {key}: curves not drawn ({_one_line(e)})")
-    npz_uri = storage.join(tdir, "distilled.npz")
+    npz_uri = run_folder.uri_of(tdir, run_folder.DISTILLED_NPZ)
     if not storage.exists(npz_uri):
         if view.rec.status == mf.COMPLETED:  # a STOPPED trial never reached its export
             view.notes.append(f"trial {key}: {view.rec.status} but no distilled.npz in {tdir}")
         return
     try:
-        arrays = _read_npz(npz_uri)
+        arrays = run_folder.read_distilled(npz_uri)
         if "x_pixels" not in arrays:
             view.notes.append(f"trial {key}: {npz_uri} has no x_pixels (keys: {', '.join(arrays) or 'none'})")
             return
@@ -171,11 +133,16 @@ def read_trial(sweep_uri: str, rec: mf.TrialRecord, price: float | None, metric:
     tdir = mf.trial_uri(sweep_uri, rec.key)
     notes: list[str] = []
     try:
-        metrics = read_metrics(storage.join(tdir, "metrics.jsonl"))
+        metrics = run_folder.read_metrics(tdir)
     except OSError as e:
         metrics = []
         notes.append(f"trial {rec.key}: metrics.jsonl unreadable ({_one_line(e)})")
-    ev = _read_json(storage.join(tdir, "eval.json"), notes, rec.key) or rec.eval
+    try:
+        ev = run_folder.read_eval(tdir)
+    except (ValueError, OSError) as e:
+        ev = None
+        notes.append(f"trial {rec.key}: {run_folder.uri_of(tdir, run_folder.EVAL_JSON)} unreadable ({_one_line(e)})")
+    ev = ev or rec.eval
     if not metrics:
         notes.append(f"trial {rec.key}: no metrics yet ({rec.status})")
     if ev is not None and ev is not rec.eval:

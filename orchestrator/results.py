@@ -25,10 +25,10 @@ from typing import Any
 from orchestrator import lifecycle as lc
 from orchestrator import manifest as mf
 from orchestrator.locate import resolve_sweep
-from rcig import storage
+from rcig import run_folder, storage
 
-FETCH_FILES = ("distilled.npz", "distilled.png", "eval.json", "config.json", "split.json",
-               "metrics.jsonl", mf.RECORD)
+FETCH_FILES = (run_folder.DISTILLED_NPZ, run_folder.DISTILLED_PNG, run_folder.EVAL_JSON,
+               run_folder.CONFIG_JSON, run_folder.SPLIT_JSON, run_folder.METRICS_JSONL, mf.RECORD)
 SELECT_METRIC = "val/acc"  # what `best` ranks by and `fetch` takes the best of
 TEST_METRICS = ("eval/mean", "test/acc")  # shown, never selected on by default
 
@@ -118,25 +118,15 @@ def with_reached(sweep_uri: str, recs: list[mf.TrialRecord]) -> list[mf.TrialRec
     """Trials a scheduler stopped whose record missed their last reports (the trial was
     ended between two record writes) get the validation estimate they reached, and the
     last step they ran, from their own `metrics.jsonl` (in memory; records untouched)."""
-    import json
-
     for rec in recs:
         if rec.status != mf.STOPPED or rec.metrics.get(SELECT_METRIC) is not None or rec.eval:
             continue
-        uri = storage.join(mf.trial_uri(sweep_uri, rec.key), "metrics.jsonl")
         try:
-            lines = storage.read_text(uri).splitlines() if storage.exists(uri) else []
+            rows = run_folder.read_metrics(mf.trial_uri(sweep_uri, rec.key))
         except (OSError, ValueError):
             continue
-        last_step, reached = None, None
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a torn last line
-            last_step = row.get("step", last_step)
-            if isinstance(row.get(SELECT_METRIC), (int, float)):
-                reached = row
+        last_step = rows[-1]["step"] if rows else None
+        reached = next((r for r in reversed(rows) if isinstance(r.get(SELECT_METRIC), (int, float))), None)
         if reached is not None:
             rec.metrics = {**rec.metrics, SELECT_METRIC: float(reached[SELECT_METRIC]),
                            "val/step": float(reached["step"])}
@@ -225,13 +215,16 @@ def fetch(name_or_uri: str, to_dir: str, trial: str | None = None) -> dict[str, 
         key = matches[0]
     rec = recs[key]
     src = mf.trial_uri(uri, key)
-    if not storage.exists(storage.join(src, "distilled.npz")):
+    if not storage.exists(run_folder.uri_of(src, run_folder.DISTILLED_NPZ)):
         raise ResultsError(f"trial {key} of {uri} has no distilled.npz yet (status {rec.status}); "
                            f"see `rcig sweep status {name_or_uri}`")
     os.makedirs(to_dir, exist_ok=True)
     files = []
     for name in FETCH_FILES:
-        if storage.exists(storage.join(src, name)):
+        if name == run_folder.METRICS_JSONL:  # one local file, whichever form it has there
+            if run_folder.download_metrics(src, os.path.join(to_dir, name)):
+                files.append(name)
+        elif storage.exists(storage.join(src, name)):
             storage.download(storage.join(src, name), os.path.join(to_dir, name))
             files.append(name)
     steps = committed_steps(src)

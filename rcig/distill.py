@@ -1,13 +1,16 @@
 """A whole distillation run, resumable: `run_distillation(cfg, out_uri)`.
 
-Writes to `out_uri` (local path, file:// or gs://):
-    config.json      the resolved config
+Writes to `out_uri` (local path, file:// or gs://), through `rcig.run_folder` (the files
+and their formats) and `rcig.checkpoint` (checkpoints/, the whole state):
+    config.json, split.json, tuning.json   first (tuning.json: the LR search result and
+                                           the run identity; the result is also in the state)
     metrics.jsonl    one JSON object per outer step: {"step": s, "outer/loss": ..., ...}
-    checkpoints/     Orbax checkpoints of the whole state (rcig.checkpoint)
-    tuning.json      the LR search result (also inside the state) and the run identity
-    split.json       the validation split held out of train (rcig.data.split)
     distilled.npz, distilled.png, eval.json   at the end
     eval.partial.json  finished evaluation runs while the evaluation is in progress
+
+The run is three parts: `_open_run` and `_init_or_restore` (the folder, the dataset, the
+engine, the state), `_StepLoop` (the outer steps, metrics, checkpoints, stop requests) and
+`_write_results` (the final checkpoint, the distilled set, the evaluation).
 
 Init order (resume by rerunning the same command):
     1. this run folder's own latest committed checkpoint (the same run by
@@ -29,22 +32,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from rcig import export, storage
+from rcig import export, run_folder, storage
 from rcig.config import DistillConfig, run_differences, run_identity, validate
 from rcig.preemption import EXIT_PREEMPTED, phase  # noqa: F401  (EXIT_PREEMPTED re-exported)
-
-TUNING_JSON = "tuning.json"
-SPLIT_JSON = "split.json"
-EVAL_PARTIAL_JSON = "eval.partial.json"
-# What `--restart` moves aside (or deletes with --force) besides the checkpoints.
-RUN_FILES = ("config.json", "metrics.jsonl", TUNING_JSON, SPLIT_JSON, "distilled.npz", "distilled.png",
-             "eval.json", EVAL_PARTIAL_JSON)
-
+from rcig.run_folder import EVAL_PARTIAL_JSON, RUN_FILES, SPLIT_JSON, TUNING_JSON  # noqa: F401  (re-exported)
 
 
 class NonFiniteError(FloatingPointError):
@@ -92,25 +88,233 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _load_metrics(uri: str, upto: int) -> list[dict]:
-    if not storage.exists(uri):
-        return []
-    rows = []
-    for line in storage.read_text(uri).splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line from a kill mid-write
-        if row.get("step", 0) <= upto:
-            rows.append(row)
-    return rows
+def _real_batch(run: _Run, s: int):
+    """The real batch of outer step `s` (a function of the seed and the step), on the devices."""
+    from rcig.data import real_batch_indices, shifted_one_hot
+
+    cfg, ds = run.cfg, run.ds
+    idx = real_batch_indices(cfg.seed, s, len(ds.x_train), cfg.outer.real_batch_size)
+    return run.engine.put_batch(ds.x_train[idx], shifted_one_hot(ds.y_train[idx], ds.num_classes))
 
 
-def _write_metrics(uri: str, rows: list[dict]) -> None:
-    storage.write_text(uri, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+@dataclass
+class _Run:
+    """An opened run folder: what init-or-restore fills in and the loop and the writer use."""
+
+    out: str
+    cfg: DistillConfig
+    cfg_dict: dict
+    ds: Any                       # rcig.data's run dataset (train minus the validation split)
+    engine: Any                   # rcig.engine.Engine
+    store: Any                    # rcig.checkpoint.CheckpointStore
+    latest: int | None            # the folder's latest committed checkpoint step
+    state: Any = None             # the whole distillation state (a pytree)
+    start: int = 0                # the step the loop starts from
+    tuning: dict | None = None    # this run's LR search result (None when restored or skipped)
+
+
+def _open_run(cfg: DistillConfig, out: str, restart: bool, force: bool, devices: list | None) -> _Run:
+    """The run folder (cleared first with `restart`), its checkpoints, the dataset and the
+    engine; refuses another run's folder; commits config.json and split.json."""
+    from rcig.checkpoint import CheckpointStore
+    from rcig.data import load_run_dataset
+    from rcig.engine import Engine
+
+    cfg_dict = cfg.to_dict()
+    with phase("load", abortable=True):
+        storage.makedirs(out)
+        if restart:
+            with phase("restart"):
+                _clear_for_restart(out, force)
+        store = CheckpointStore(out, keep=cfg.checkpoint.keep)
+        latest = store.latest_step()
+        if latest is not None:
+            store.check_config(cfg_dict)
+        else:
+            check_run_folder(out, cfg)
+        ds = load_run_dataset(cfg)  # train minus the validation split (never seen here)
+        engine = Engine(cfg, ds.image_shape, ds.num_classes, devices=devices)
+    with phase("commit"):
+        # First, so a folder stopped at any later point says which run it holds.
+        run_folder.write_config(out, cfg)
+        run_folder.write_json(run_folder.uri_of(out, SPLIT_JSON), ds.split)
+    return _Run(out, cfg, cfg_dict, ds, engine, store, latest)
+
+
+def _init_or_restore(run: _Run, run_eval: bool, say: Callable[[str], None]) -> None:
+    """Set `run.state`, `run.start` (and `run.tuning`): the folder's latest checkpoint, else a
+    fresh state (real images or noise, the LR search or this run's tuning.json) saved as
+    checkpoint 0."""
+    cfg, ds, engine = run.cfg, run.ds, run.engine
+    n_images = cfg.ipc * ds.num_classes
+    if run.latest is not None:
+        with phase("restore", abortable=True):
+            run.state, _ = run.store.restore(engine.abstract_state(n_images), run.latest)
+        run.start = int(run.state["step"])
+        if run.start >= cfg.steps:
+            say(f"distillation already complete at step {run.start} (checkpoint); "
+                + ("evaluating" if run_eval else "writing the distilled set"))
+        else:
+            say(f"resuming from checkpoint step {run.start}")
+        return
+    from rcig.data import init_proto_indices, shifted_one_hot
+
+    key = jax.random.PRNGKey(cfg.seed)
+    idx = init_proto_indices(ds.y_train, ds.num_classes, cfg.ipc, cfg.seed)
+    if cfg.outer.init == "noise":
+        x0 = 0.3 * np.random.default_rng([cfg.seed, 0, 2]).standard_normal((n_images, *ds.image_shape)).astype(np.float32)
+    else:
+        x0 = ds.x_train[idx]
+    y0 = shifted_one_hot(ds.y_train[idx], ds.num_classes)
+    inner_lr, hvp_lr = cfg.inner.lr, cfg.hinv.lr
+    if not cfg.lr_tune.skip:
+        tuning = load_tuning(run.out, cfg)
+        if tuning is not None:
+            say(f"LR search: reusing tuning.json (inner {tuning['inner']:.3g}, H-solve {tuning['hvp']:.3g})")
+        else:
+            coreset = {"x": np.asarray(x0, np.float32), "y": y0, "log_temp": np.float32(0.0)}
+            with phase("tune", abortable=True):
+                tuning = engine.tune_learning_rates(coreset, _real_batch(run, 0), jax.random.fold_in(key, 1), inner_lr, hvp_lr)
+            tuning["identity"] = run_identity(cfg)
+            with phase("commit"):  # a rerun stopped before checkpoint 0 does not tune again
+                run_folder.write_json(run_folder.uri_of(run.out, TUNING_JSON), tuning)
+            capped = f"; stopped at the probe cap for {', '.join(tuning['capped'])}" if tuning.get("capped") else ""
+            say(f"LR search: inner {tuning['inner']:.3g}, H-solve {tuning['hvp']:.3g} ({tuning.get('probes')} probes, "
+                f"{tuning.get('seconds', 0.0):.1f} s{capped})")
+        inner_lr, hvp_lr = tuning["inner"], tuning["hvp"]
+        run.tuning = tuning
+    with phase("init", abortable=True):
+        run.state = engine.init_state(x0, y0, key, inner_lr, hvp_lr)
+    run.start = 0
+    with phase("commit"):
+        run.store.save(0, run.state, run.cfg_dict, force=True)
+
+
+class _StepLoop:
+    """The outer steps from `run.start` to `cfg.steps`, updating `run.state`: each step's
+    metrics are checked finite, logged and reported; the validation probe runs when due;
+    checkpoints are saved on schedule and when a stop is requested, which ends the loop.
+
+    A step's metrics are read back one step late, so the host's work overlaps the next
+    step on the devices."""
+
+    def __init__(self, run: _Run, metrics: run_folder.NullMetricsLog, bar: _Progress,
+                 on_metrics: Callable[[int, dict[str, float]], None] | None,
+                 on_checkpoint: Callable[[int], None] | None,
+                 stop_requested: Callable[[], bool] | None, clock: Callable[[], float]):
+        self.run, self.metrics, self.bar = run, metrics, bar
+        self.on_metrics, self.on_checkpoint, self.stop_requested, self.clock = on_metrics, on_checkpoint, stop_requested, clock
+        self.last_ckpt_step, self.last_ckpt_time = run.start, clock()
+        self.t_prev = time.perf_counter()
+        self.probe = None
+        if run.cfg.eval.every_steps:
+            from rcig.val_probe import ValProbe
+
+            self.probe = ValProbe(run.ds, run.cfg)
+        self.val_latest: dict[str, float] = {}  # the newest intermediate metric (rcig.val_probe)
+
+    def _consume(self, s_done: int, m_dev) -> dict[str, float]:
+        """Step `s_done`'s metrics on the host: checked, logged, reported."""
+        cfg = self.run.cfg
+        m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
+        now = time.perf_counter()
+        m["time/step_s"] = now - self.t_prev
+        self.t_prev = now
+        bad = [k for k, v in m.items() if not math.isfinite(v)]
+        if bad:
+            self.metrics.flush()
+            raise NonFiniteError(f"step {s_done}: non-finite {', '.join(sorted(bad))}; stopping "
+                                 f"(last checkpoint: step {self.run.store.latest_step()})")
+        if self.val_latest.get("val/step") == s_done:
+            m.update(self.val_latest)
+        self.metrics.add({"step": s_done, **m})
+        if s_done % cfg.log_every == 0 or s_done == cfg.steps:
+            if self.on_metrics:
+                self.on_metrics(s_done, {**m, **self.val_latest})  # every report carries the metric
+            self.bar.update(s_done, m)
+        return m
+
+    def run_steps(self) -> tuple[str, int, dict[str, float]]:
+        """("completed" or "preempted", the step reached, its metrics)."""
+        from rcig.checkpoint import should_save
+        from rcig.val_probe import probe_due
+
+        run, cfg = self.run, self.run.cfg
+        s = run.start
+        status = "completed"
+        pending = None  # (step, device metrics)
+        last_metrics: dict[str, float] = {}
+        last_ckpt_step, last_ckpt_time = self.last_ckpt_step, self.last_ckpt_time
+        next_batch = _real_batch(run, run.start) if run.start < cfg.steps else None
+        while s < cfg.steps:
+            batch = next_batch
+            if s == run.start:  # the first call compiles: nothing to lose if stopped there
+                with phase("compile", abortable=True):
+                    run.state, m_dev = run.engine.step(run.state, batch)
+            else:
+                run.state, m_dev = run.engine.step(run.state, batch)
+            s += 1
+            next_batch = _real_batch(run, s) if s < cfg.steps else None  # host work overlaps the step
+            if pending is not None:
+                last_metrics = self._consume(*pending)
+            pending = (s, m_dev)
+            if self.probe is not None and probe_due(s, cfg.eval.every_steps, cfg.log_every, bool(self.val_latest)):
+                self.val_latest = {**self.probe(run.state["ema"]["average"]), "val/step": float(s)}
+            stop = bool(self.stop_requested and self.stop_requested())
+            if stop or should_save(s, self.clock(), last_ckpt_step, last_ckpt_time, cfg.checkpoint.every_steps,
+                                   cfg.checkpoint.every_seconds):
+                last_metrics = self._consume(*pending)
+                pending = None
+                self.metrics.flush()
+                run.store.save(s, run.state, run.cfg_dict, force=True)
+                last_ckpt_step, last_ckpt_time = s, self.clock()
+                if stop:
+                    run.store.wait()  # the notice grace period is short: commit before returning
+                if self.on_checkpoint:
+                    self.on_checkpoint(s)  # save started; Orbax commits it before the next one starts
+            if stop:
+                status = "preempted"
+                break
+        if pending is not None:
+            last_metrics = self._consume(*pending)
+        self.metrics.flush()
+        self.bar.close()
+        return status, s, last_metrics
+
+
+def _write_results(run: _Run, s: int, run_eval: bool, on_checkpoint: Callable[[int], None] | None,
+                   last_metrics: dict[str, float]) -> dict | None:
+    """The final checkpoint, distilled.npz/.png and (with `run_eval`) the evaluation,
+    eval.json; the final figures are added to `last_metrics`. Returns the evaluation."""
+    cfg = run.cfg
+    with phase("finalize"):
+        run.store.save(s, run.state, run.cfg_dict, final=True)  # marks the last step final (kept by retention)
+        run.store.wait()
+        if on_checkpoint:
+            on_checkpoint(s)
+        run.store.close()
+        arrays = export.distilled_arrays(jax.device_get(run.state["ema"]["average"]), run.ds, cfg, s)
+        run_folder.write_distilled(run.out, arrays, run.ds.num_classes)
+    if not run_eval:
+        return None
+    from rcig.evaluate import evaluate_distilled
+
+    # Everything the eval needs is committed (final checkpoint, distilled.npz): a stop
+    # here ends the process; a rerun goes straight back to the eval, and finished
+    # evaluation runs are kept (eval.partial.json).
+    with phase("eval", abortable=True):
+        eval_result = evaluate_distilled(
+            arrays["x_proto"], arrays["y_proto"], run.ds, use_flip=cfg.outer.use_flip, cfg=cfg.eval,
+            width=cfg.eval.width or cfg.model.width, ipc=cfg.ipc, seed=cfg.seed, depth=cfg.model.depth,
+            partial_uri=run_folder.uri_of(run.out, EVAL_PARTIAL_JSON),
+        )
+        eval_result["distill_steps"] = s
+        run_folder.write_eval(run.out, eval_result)  # and drops eval.partial.json
+    # The final figures under the sweep's names: selection on validation, test beside it.
+    if eval_result.get("val_mean") is not None:
+        last_metrics["val/acc"] = eval_result["val_mean"]
+    last_metrics["test/acc"] = eval_result["mean"]
+    return eval_result
 
 
 def run_distillation(
@@ -139,212 +343,34 @@ def run_distillation(
         >>> res = run_distillation(cfg, "runs/demo")                          # doctest: +SKIP
         >>> res.status, res.eval["mean"] > res.eval["baseline"]["mean"]      # doctest: +SKIP
     """
-    from rcig.checkpoint import CheckpointStore, should_save
-    from rcig.data import init_proto_indices, load_run_dataset, real_batch_indices, shifted_one_hot
-    from rcig.engine import Engine
-
     validate(cfg)
     t_start = time.perf_counter()
     out = storage.normalize(out_uri)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    cfg_dict = cfg.to_dict()
-    with phase("load", abortable=True):
-        storage.makedirs(out)
-        if restart:
-            with phase("restart"):
-                _clear_for_restart(out, force)
-        store = CheckpointStore(out, keep=cfg.checkpoint.keep)
-        latest = store.latest_step()
-        if latest is not None:
-            store.check_config(cfg_dict)
-        else:
-            check_run_folder(out, cfg)
-        ds = load_run_dataset(cfg)  # train minus the validation split (never seen here)
-        n_images = cfg.ipc * ds.num_classes
-        engine = Engine(cfg, ds.image_shape, ds.num_classes, devices=devices)
+    run = _open_run(cfg, out, restart, force, devices)
+    _init_or_restore(run, run_eval, say)
     with phase("commit"):
-        # First, so a folder stopped at any later point says which run it holds.
-        storage.write_text(storage.join(out, "config.json"), cfg.to_json() + "\n")
-        export.write_json(storage.join(out, SPLIT_JSON), ds.split)
-
-    def batch_for(s: int):
-        idx = real_batch_indices(cfg.seed, s, len(ds.x_train), cfg.outer.real_batch_size)
-        return engine.put_batch(ds.x_train[idx], shifted_one_hot(ds.y_train[idx], ds.num_classes))
-
-    tuning = None
-    if latest is not None:
-        with phase("restore", abortable=True):
-            state, _ = store.restore(engine.abstract_state(n_images), latest)
-        start = int(state["step"])
-        if start >= cfg.steps:
-            say(f"distillation already complete at step {start} (checkpoint); "
-                + ("evaluating" if run_eval else "writing the distilled set"))
-        else:
-            say(f"resuming from checkpoint step {start}")
-    else:
-        key = jax.random.PRNGKey(cfg.seed)
-        idx = init_proto_indices(ds.y_train, ds.num_classes, cfg.ipc, cfg.seed)
-        if cfg.outer.init == "noise":
-            x0 = 0.3 * np.random.default_rng([cfg.seed, 0, 2]).standard_normal((n_images, *ds.image_shape)).astype(np.float32)
-        else:
-            x0 = ds.x_train[idx]
-        y0 = shifted_one_hot(ds.y_train[idx], ds.num_classes)
-        inner_lr, hvp_lr = cfg.inner.lr, cfg.hinv.lr
-        if not cfg.lr_tune.skip:
-            tuning = load_tuning(out, cfg)
-            if tuning is not None:
-                say(f"LR search: reusing tuning.json (inner {tuning['inner']:.3g}, H-solve {tuning['hvp']:.3g})")
-            else:
-                coreset = {"x": np.asarray(x0, np.float32), "y": y0, "log_temp": np.float32(0.0)}
-                with phase("tune", abortable=True):
-                    tuning = engine.tune_learning_rates(coreset, batch_for(0), jax.random.fold_in(key, 1), inner_lr, hvp_lr)
-                tuning["identity"] = run_identity(cfg)
-                with phase("commit"):  # a rerun stopped before checkpoint 0 does not tune again
-                    export.write_json(storage.join(out, TUNING_JSON), tuning)
-                capped = f"; stopped at the probe cap for {', '.join(tuning['capped'])}" if tuning.get("capped") else ""
-                say(f"LR search: inner {tuning['inner']:.3g}, H-solve {tuning['hvp']:.3g} ({tuning.get('probes')} probes, "
-                    f"{tuning.get('seconds', 0.0):.1f} s{capped})")
-            inner_lr, hvp_lr = tuning["inner"], tuning["hvp"]
-        with phase("init", abortable=True):
-            state = engine.init_state(x0, y0, key, inner_lr, hvp_lr)
-        start = 0
-        with phase("commit"):
-            store.save(0, state, cfg_dict, force=True)
-
-    metrics_uri = storage.join(out, "metrics.jsonl")
-    with phase("commit"):
-        rows = _load_metrics(metrics_uri, start)
-        _write_metrics(metrics_uri, rows)
-    local = not storage.is_remote(out)
-    flushed = len(rows)
-
-    def flush() -> None:
-        nonlocal flushed
-        if local:
-            with open(metrics_uri, "a") as f:
-                for r in rows[flushed:]:
-                    f.write(json.dumps(r, sort_keys=True) + "\n")
-        else:
-            _write_metrics(metrics_uri, rows)
-        flushed = len(rows)
-
-    bar = _Progress(cfg.steps, progress)
-    last_ckpt_step, last_ckpt_time = start, clock()
-    status = "completed"
-    pending = None  # (step, device metrics, wall time of dispatch)
-    t_prev = time.perf_counter()
-    s = start
-
-    probe = None
-    if cfg.eval.every_steps:
-        from rcig.val_probe import ValProbe, probe_due
-
-        probe = ValProbe(ds, cfg)
-    val_latest: dict[str, float] = {}  # the newest intermediate metric (rcig.val_probe)
-
-    def consume(p) -> dict[str, float]:
-        nonlocal t_prev
-        s_done, m_dev = p
-        m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
-        now = time.perf_counter()
-        m["time/step_s"] = now - t_prev
-        t_prev = now
-        bad = [k for k, v in m.items() if not math.isfinite(v)]
-        if bad:
-            flush()
-            raise NonFiniteError(f"step {s_done}: non-finite {', '.join(sorted(bad))}; stopping (last checkpoint: step {store.latest_step()})")
-        if val_latest.get("val/step") == s_done:
-            m.update(val_latest)
-        rows.append({"step": s_done, **m})
-        if s_done % cfg.log_every == 0 or s_done == cfg.steps:
-            if on_metrics:
-                on_metrics(s_done, {**m, **val_latest})  # every report carries the metric
-            bar.update(s_done, m)
-        return m
-
-    last_metrics: dict[str, float] = {}
+        metrics = run_folder.open_metrics(out, run.start)
+    resumed_from = run.start if run.latest is not None else None
     with phase("loop"):  # stops cooperatively, at a checkpoint (the deadline covers a slow step)
-        next_batch = batch_for(start) if start < cfg.steps else None
-        while s < cfg.steps:
-            batch = next_batch
-            if s == start:  # the first call compiles: nothing to lose if stopped there
-                with phase("compile", abortable=True):
-                    state, m_dev = engine.step(state, batch)
-            else:
-                state, m_dev = engine.step(state, batch)
-            s += 1
-            next_batch = batch_for(s) if s < cfg.steps else None  # host work overlaps the step
-            if pending is not None:
-                last_metrics = consume(pending)
-            pending = (s, m_dev)
-            if probe is not None and probe_due(s, cfg.eval.every_steps, cfg.log_every, bool(val_latest)):
-                val_latest = {**probe(state["ema"]["average"]), "val/step": float(s)}
-            stop = bool(stop_requested and stop_requested())
-            if stop or should_save(s, clock(), last_ckpt_step, last_ckpt_time, cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds):
-                last_metrics = consume(pending)
-                pending = None
-                flush()
-                store.save(s, state, cfg_dict, force=True)
-                last_ckpt_step, last_ckpt_time = s, clock()
-                if stop:
-                    store.wait()  # the notice grace period is short: commit before returning
-                if on_checkpoint:
-                    on_checkpoint(s)  # save started; Orbax commits it before the next one starts
-            if stop:
-                status = "preempted"
-                break
-        if pending is not None:
-            last_metrics = consume(pending)
-        flush()
-        bar.close()
-
+        loop = _StepLoop(run, metrics, _Progress(cfg.steps, progress), on_metrics, on_checkpoint, stop_requested, clock)
+        status, s, last_metrics = loop.run_steps()
         if status == "preempted":
-            store.wait()
-            store.close()
-            return RunResult(out, status, s, last_metrics, None, store.latest_step(), time.perf_counter() - t_start,
-                             resumed_from=start if latest is not None else None, tuning=tuning)
-
-    with phase("finalize"):
-        store.save(s, state, cfg_dict, final=True)  # marks the last step final (kept by retention)
-        store.wait()
-        if on_checkpoint:
-            on_checkpoint(s)
-        store.close()
-        arrays = export.distilled_arrays(jax.device_get(state["ema"]["average"]), ds, cfg, s)
-        export.write_distilled(out, arrays, ds.num_classes)
-    eval_result = None
-    if run_eval:
-        from rcig.evaluate import evaluate_distilled
-
-        # Everything the eval needs is committed (final checkpoint, distilled.npz): a stop
-        # here ends the process; a rerun goes straight back to the eval, and finished
-        # evaluation runs are kept (eval.partial.json).
-        with phase("eval", abortable=True):
-            eval_result = evaluate_distilled(
-                arrays["x_proto"], arrays["y_proto"], ds, use_flip=cfg.outer.use_flip, cfg=cfg.eval,
-                width=cfg.eval.width or cfg.model.width, ipc=cfg.ipc, seed=cfg.seed, depth=cfg.model.depth,
-                partial_uri=storage.join(out, EVAL_PARTIAL_JSON),
-            )
-            eval_result["distill_steps"] = s
-            export.write_json(storage.join(out, "eval.json"), eval_result)
-            storage.remove(storage.join(out, EVAL_PARTIAL_JSON))
-        # The final figures under the sweep's names: selection on validation, test beside it.
-        if eval_result.get("val_mean") is not None:
-            last_metrics["val/acc"] = eval_result["val_mean"]
-        last_metrics["test/acc"] = eval_result["mean"]
+            run.store.wait()
+            run.store.close()
+            return RunResult(out, status, s, last_metrics, None, run.store.latest_step(), time.perf_counter() - t_start,
+                             resumed_from=resumed_from, tuning=run.tuning)
+    eval_result = _write_results(run, s, run_eval, on_checkpoint, last_metrics)
     return RunResult(out, status, s, last_metrics, eval_result, s, time.perf_counter() - t_start,
-                     resumed_from=start if latest is not None else None, tuning=tuning)
+                     resumed_from=resumed_from, tuning=run.tuning)
 
 
 def load_tuning(out: str, cfg: DistillConfig) -> dict | None:
     """The LR search result saved in `out`, if it was found for this run (its identity,
     steps aside, equals `cfg`'s), else None: a run stopped after its LR search but before
     its first checkpoint does not search again."""
-    uri = storage.join(out, TUNING_JSON)
     try:
-        if not storage.exists(uri):
-            return None
-        doc = json.loads(storage.read_text(uri))
+        doc = run_folder.read_json(run_folder.uri_of(out, TUNING_JSON))
     except (ValueError, OSError, storage.StorageError):
         return None
     ident = doc.get("identity") if isinstance(doc, dict) else None
@@ -357,16 +383,17 @@ def load_tuning(out: str, cfg: DistillConfig) -> dict | None:
 
 def _saved_run_config(out: str) -> tuple[dict | None, str]:
     """The config of the run a folder holds, from config.json or distilled.npz."""
-    uri = storage.join(out, "config.json")
-    if storage.exists(uri):
-        try:
-            return json.loads(storage.read_text(uri)), uri
-        except ValueError as e:
-            raise RunFolderError(f"{uri}: unreadable ({e}); use another --out, or --restart to move it aside") from None
-    npz = storage.join(out, "distilled.npz")
+    uri = run_folder.uri_of(out, run_folder.CONFIG_JSON)
+    try:
+        saved = run_folder.read_config(out)
+    except ValueError as e:
+        raise RunFolderError(f"{uri}: unreadable ({e}); use another --out, or --restart to move it aside") from None
+    if saved is not None:
+        return saved, uri
+    npz = run_folder.uri_of(out, run_folder.DISTILLED_NPZ)
     if storage.exists(npz):
         try:
-            return json.loads(str(export.read_distilled(npz)["config_json"])), npz
+            return json.loads(str(run_folder.read_distilled(npz)["config_json"])), npz
         except (KeyError, ValueError, OSError) as e:
             raise RunFolderError(f"{npz}: unreadable ({e}); use another --out, or --restart to move it aside") from None
     return None, ""
@@ -382,7 +409,7 @@ def check_run_folder(out: str, cfg: DistillConfig) -> None:
     saved, where = _saved_run_config(out)
     if saved is None:
         return
-    has_results = any(storage.exists(storage.join(out, n)) for n in ("distilled.npz", "eval.json"))
+    has_results = any(storage.exists(run_folder.uri_of(out, n)) for n in (run_folder.DISTILLED_NPZ, run_folder.EVAL_JSON))
     diffs = run_differences(saved, cfg, resume=not has_results)
     if diffs:
         raise RunFolderError(f"{out} holds another run ({where}): {'; '.join(diffs)}; "
@@ -403,7 +430,7 @@ def _clear_for_restart(out: str, force: bool) -> None:
         if has_ck:
             storage.remove(ck, recursive=True)
         for name in files:
-            storage.remove(storage.join(out, name))
+            storage.remove(storage.join(out, name), recursive=True)
         return
     what = f"{ck}: holds checkpoints" if has_ck else f"{out}: holds another run's files ({', '.join(files)})"
     if storage.is_remote(out):

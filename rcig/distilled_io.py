@@ -1,5 +1,6 @@
-"""Read a saved distilled set (`distilled.npz`) for evaluation, from a file, run folder or
-checkpoint folder, local or remote (any URI `rcig.storage` understands).
+"""Find and check a saved distilled set (`distilled.npz`, read by `rcig.run_folder`) for
+evaluation, from a file, run folder or checkpoint folder, local or remote (any URI
+`rcig.storage` understands).
 
 `distilled.npz` keys (written by `rcig distill`): `x_proto` (N,H,W,C float32, model
 space), `y_proto` (N,C float32 learned labels), `dataset` (str), and optionally
@@ -15,19 +16,20 @@ Example:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from rcig import storage
 from rcig.config import ConfigError, DistillConfig, make_config
+from rcig.run_folder import DISTILLED_NPZ as NPZ_NAME
+from rcig.run_folder import read_distilled
 
-NPZ_NAME = "distilled.npz"
 REQUIRED_KEYS = ("x_proto", "y_proto", "dataset")
 
 
@@ -107,14 +109,12 @@ def load_distilled(source: str) -> Distilled:
     """Find and read a distilled set; every error is a one-line DistilledError naming the file."""
     path = resolve(source)
     try:
-        raw = storage.read_bytes(path)
+        z = read_distilled(path)
     except (FileNotFoundError, storage.StorageError) as e:
         raise DistilledError(str(e)) from None
-    try:
-        z = np.load(io.BytesIO(raw), allow_pickle=False)
-        keys = set(z.files)
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DistilledError(f"{path}: not a readable .npz file ({e})") from None
+    keys = set(z)
     for k in REQUIRED_KEYS:
         if k not in keys:
             raise DistilledError(f"{path}: missing key {k!r} (has {', '.join(sorted(keys)) or 'nothing'})")

@@ -1,13 +1,11 @@
-"""The distilled set as files: `distilled.npz` and `distilled.png` (a grid of the images)."""
+"""The distilled set as data: the arrays of `distilled.npz` and the image grid of `distilled.png`
+(both files are written by `rcig.run_folder.write_distilled`)."""
 
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
-
-from rcig import storage
 
 
 def distilled_arrays(ema_average: dict, dataset, cfg, step: int) -> dict[str, np.ndarray]:
@@ -53,23 +51,3 @@ def image_grid_png(x_pixels: np.ndarray, rows: int, scale: int | None = None) ->
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_distilled(out_uri: str, arrays: dict[str, np.ndarray], num_classes: int) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    storage.write_bytes(storage.join(out_uri, "distilled.npz"), buf.getvalue())
-    png = image_grid_png(arrays["x_pixels"], rows=num_classes)
-    storage.write_bytes(storage.join(out_uri, "distilled.png"), png)
-
-
-def read_distilled(uri: str) -> dict[str, np.ndarray]:
-    """Load distilled.npz from a file URI or a run folder URI."""
-    if not uri.endswith(".npz"):
-        uri = storage.join(uri, "distilled.npz")
-    with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def write_json(uri: str, obj) -> None:
-    storage.write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")

@@ -26,7 +26,8 @@ from orchestrator import manifest as mf
 from orchestrator.report import build_report, default_out, write_report
 from rcig import storage
 from rcig.config import make_config, identity_hash
-from rcig.export import image_grid_png, write_json
+from rcig.export import image_grid_png
+from rcig.run_folder import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
