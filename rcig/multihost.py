@@ -16,8 +16,9 @@ support rows are split over the `data` axis.
   own rows: ``rows(lo, hi)`` is asked only for the rows this process's devices hold, and
   the batch of a step is a pure function of ``(seed, step)`` (`rcig.data.real_batch_indices`),
   so no process reads another's share and the global batch equals the single-process one.
-- `any_process(flag)` is the collective OR behind a stop request: a notice reaching any
-  one host stops every process at the same step (each asks after every step).
+- `agree(stop, save)` (and `any_process(flag)`) is the collective OR behind a stop
+  request: a notice reaching any one host stops every process at the same step (each
+  asks after every step), and a checkpoint due by one host's clock is saved by all.
 - Only process 0 writes run files (metrics, distilled set, evaluation, records): see
   `is_primary`. Checkpoints are written by every process (`rcig.checkpoint`).
 
@@ -179,12 +180,32 @@ _FLAG_OR: dict[int, Any] = {}
 
 def any_process(flag: bool) -> bool:
     """True on every process if `flag` is true on any (a collective: every process must
-    call it at the same point). One process: `flag` itself.
+    call it at the same point). One process: `flag` itself."""
+    return max_over_processes(1 if flag else 0) > 0
 
-    One int per device (this process's flag on each of its devices), reduced by a max
+
+def agree(stop: bool, save: bool) -> tuple[bool, bool]:
+    """(stop, save) as every process will act on them after a step: a stop asked of any
+    process stops all (and saves), a save due on any process's clock saves on all. One
+    collective; one process: the values themselves.
+
+    Example:
+        >>> agree(False, True)
+        (False, True)
+    """
+    if process_count() == 1:
+        return bool(stop), bool(save)
+    m = max_over_processes(2 if stop else (1 if save else 0))
+    return m >= 2, m >= 1
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (a collective; one process: `value`).
+
+    One int per device (this process's value on each of its devices), reduced by a max
     that is compiled once: a few all-reduced bytes per call."""
     if process_count() == 1:
-        return bool(flag)
+        return int(value)
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -194,10 +215,10 @@ def any_process(flag: bool) -> bool:
         _FLAG_OR[n] = (NamedSharding(mesh, P("flags")),
                        jax.jit(lambda v: v.max(), out_shardings=NamedSharding(mesh, P())))
     sharding, reduce_max = _FLAG_OR[n]
-    value = np.int32(1 if flag else 0)
-    flags = jax.make_array_from_callback(
-        (n,), sharding, lambda index: np.full((len(range(*index[0].indices(n))),), value, np.int32))
-    return bool(np.asarray(reduce_max(flags)))
+    mine = np.int32(value)
+    values = jax.make_array_from_callback(
+        (n,), sharding, lambda index: np.full((len(range(*index[0].indices(n))),), mine, np.int32))
+    return int(np.asarray(reduce_max(values)))
 
 
 def sync(name: str) -> None:
