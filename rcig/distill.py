@@ -20,7 +20,15 @@ Init order (resume by rerunning the same command):
        re-tunes. A folder without checkpoints that holds another run's files is refused
        (`--restart` moves them aside).
 A run whose final checkpoint is committed goes straight to the evaluation, which keeps
-its finished runs. Stop requests: see `rcig.preemption.StopControl` (every phase is
+its finished runs.
+
+Several processes (`rcig.multihost`, one per host, joined before this is called, with
+`devices=jax.devices()`): every process runs the same steps over the one mesh, feeding
+only its own rows of each real batch; they agree after every step whether to save or stop
+(`multihost.agree`), so all stop at one step; every process writes its part of each
+checkpoint; process 0 alone writes the run files (config, split, tuning, metrics), runs
+the validation probe and, after the final checkpoint, writes the distilled set and
+evaluates it. Stop requests: see `rcig.preemption.StopControl` (every phase is
 either abortable or stops cooperatively within a deadline; exit `EXIT_PREEMPTED`).
 """
 
@@ -37,7 +45,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from rcig import export, run_folder, storage
+from rcig import export, multihost, run_folder, storage
 from rcig.config import DistillConfig, run_differences, run_identity, validate
 from rcig.preemption import EXIT_PREEMPTED, phase  # noqa: F401  (EXIT_PREEMPTED re-exported)
 from rcig.run_folder import EVAL_PARTIAL_JSON, RUN_FILES, SPLIT_JSON, TUNING_JSON  # noqa: F401  (re-exported)
@@ -94,7 +102,13 @@ def _real_batch(run: _Run, s: int):
 
     cfg, ds = run.cfg, run.ds
     idx = real_batch_indices(cfg.seed, s, len(ds.x_train), cfg.outer.real_batch_size)
-    return run.engine.put_batch(ds.x_train[idx], shifted_one_hot(ds.y_train[idx], ds.num_classes))
+    if multihost.process_count() == 1:
+        return run.engine.put_batch(ds.x_train[idx], shifted_one_hot(ds.y_train[idx], ds.num_classes))
+    # Several processes: each reads and sends only the rows its own devices hold.
+    sharding, n = run.engine.batch_sharding, len(idx)
+    return {"x": multihost.global_batch(sharding, (n, *ds.image_shape), lambda lo, hi: ds.x_train[idx[lo:hi]]),
+            "y": multihost.global_batch(sharding, (n, ds.num_classes),
+                                        lambda lo, hi: shifted_one_hot(ds.y_train[idx[lo:hi]], ds.num_classes))}
 
 
 @dataclass
@@ -136,8 +150,9 @@ def _open_run(cfg: DistillConfig, out: str, restart: bool, force: bool, devices:
         engine = Engine(cfg, ds.image_shape, ds.num_classes, devices=devices)
     with phase("commit"):
         # First, so a folder stopped at any later point says which run it holds.
-        run_folder.write_config(out, cfg)
-        run_folder.write_json(run_folder.uri_of(out, SPLIT_JSON), ds.split)
+        if multihost.is_primary():
+            run_folder.write_config(out, cfg)
+            run_folder.write_json(run_folder.uri_of(out, SPLIT_JSON), ds.split)
     return _Run(out, cfg, cfg_dict, ds, engine, store, latest)
 
 
@@ -177,7 +192,8 @@ def _init_or_restore(run: _Run, run_eval: bool, say: Callable[[str], None]) -> N
                 tuning = engine.tune_learning_rates(coreset, _real_batch(run, 0), jax.random.fold_in(key, 1), inner_lr, hvp_lr)
             tuning["identity"] = run_identity(cfg)
             with phase("commit"):  # a rerun stopped before checkpoint 0 does not tune again
-                run_folder.write_json(run_folder.uri_of(run.out, TUNING_JSON), tuning)
+                if multihost.is_primary():
+                    run_folder.write_json(run_folder.uri_of(run.out, TUNING_JSON), tuning)
             capped = f"; stopped at the probe cap for {', '.join(tuning['capped'])}" if tuning.get("capped") else ""
             say(f"LR search: inner {tuning['inner']:.3g}, H-solve {tuning['hvp']:.3g} ({tuning.get('probes')} probes, "
                 f"{tuning.get('seconds', 0.0):.1f} s{capped})")
@@ -207,7 +223,7 @@ class _StepLoop:
         self.last_ckpt_step, self.last_ckpt_time = run.start, clock()
         self.t_prev = time.perf_counter()
         self.probe = None
-        if run.cfg.eval.every_steps:
+        if run.cfg.eval.every_steps and multihost.is_primary():  # its metric goes to process 0's log
             from rcig.val_probe import ValProbe
 
             self.probe = ValProbe(run.ds, run.cfg)
@@ -261,8 +277,12 @@ class _StepLoop:
             if self.probe is not None and probe_due(s, cfg.eval.every_steps, cfg.log_every, bool(self.val_latest)):
                 self.val_latest = {**self.probe(run.state["ema"]["average"]), "val/step": float(s)}
             stop = bool(self.stop_requested and self.stop_requested())
-            if stop or should_save(s, self.clock(), last_ckpt_step, last_ckpt_time, cfg.checkpoint.every_steps,
-                                   cfg.checkpoint.every_seconds):
+            due = should_save(s, self.clock(), last_ckpt_step, last_ckpt_time, cfg.checkpoint.every_steps,
+                              cfg.checkpoint.every_seconds)
+            # Several processes: a stop asked of any one, or a save due on any one's clock,
+            # holds for all, at this same step (one tiny collective per step).
+            stop, due = multihost.agree(stop, due)
+            if stop or due:
                 last_metrics = self._consume(*pending)
                 pending = None
                 self.metrics.flush()
@@ -293,6 +313,8 @@ def _write_results(run: _Run, s: int, run_eval: bool, on_checkpoint: Callable[[i
         if on_checkpoint:
             on_checkpoint(s)
         run.store.close()
+        if not multihost.is_primary():  # the distilled set, its evaluation: process 0 alone
+            return None
         arrays = export.distilled_arrays(jax.device_get(run.state["ema"]["average"]), run.ds, cfg, s)
         run_folder.write_distilled(run.out, arrays, run.ds.num_classes)
     if not run_eval:
@@ -350,7 +372,7 @@ def run_distillation(
     run = _open_run(cfg, out, restart, force, devices)
     _init_or_restore(run, run_eval, say)
     with phase("commit"):
-        metrics = run_folder.open_metrics(out, run.start)
+        metrics = run_folder.open_metrics(out, run.start, write=multihost.is_primary())
     resumed_from = run.start if run.latest is not None else None
     with phase("loop"):  # stops cooperatively, at a checkpoint (the deadline covers a slow step)
         loop = _StepLoop(run, metrics, _Progress(cfg.steps, progress), on_metrics, on_checkpoint, stop_requested, clock)
