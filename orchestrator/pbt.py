@@ -136,6 +136,22 @@ class RcigPBT(PopulationBasedTraining):
                 return
             self._exploit(tune_controller, trial, donor)
 
+    def choose_trial_to_run(self, tune_controller):
+        """Synchronous PBT runs only trials behind the next decision point. A trial that
+        reports past it (it resumed from a later checkpoint: after a pause, a driver
+        restart) leaves every waiting trial at or beyond it, and Tune's PBT would then
+        wait for ever; move the point one interval past the earliest waiting trial."""
+        trial = super().choose_trial_to_run(tune_controller)
+        if trial is not None or not self._synch:
+            return trial
+        trials = tune_controller.get_trials()
+        waiting = [t for t in trials if t.status in (t.PENDING, t.PAUSED) and t in self._trial_state]
+        if waiting and not any(t.status == t.RUNNING for t in trials):
+            earliest = min(self._trial_state[t].last_train_time for t in waiting)
+            self._next_perturbation_sync = earliest + self._perturbation_interval
+            trial = super().choose_trial_to_run(tune_controller)
+        return trial
+
     def _get_new_config(self, trial, trial_to_clone):
         new, operations = super()._get_new_config(trial, trial_to_clone)
         own = {k: v for k, v in trial.config.items() if k.startswith("_rcig")}
