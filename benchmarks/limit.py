@@ -169,7 +169,7 @@ def phase_times(s: common.Setting, opts) -> dict:
                  (delta, theta0p, x_s, y_s, g_t))
     timed("implicit grad", lambda cs, d, th, hh: step.implicit_gradient(ctx, cs, d, th, hh, None, key),
           (coreset, delta, theta0p, h))
-    mean_pool = (1 + ctx.pool_n_max - 1) // 2
+    mean_pool = (1 + ctx.pool.n_max_steps - 1) // 2
     timed(f"pool ({mean_pool} steps)", lambda m, cs: step.pool_train(ctx, m, cs, jnp.int32(mean_pool), key),
           (model, coreset))
     return out

@@ -198,6 +198,16 @@ def count_states(records: list[TrialRecord], damaged: list[DamagedRecord] | None
     return out
 
 
+def format_counts(counts: dict[str, int], empty: str = "no trials yet") -> str:
+    """`count_states` as one line of text.
+
+    Example:
+        >>> format_counts({"RUNNING": 1, "COMPLETED": 2})
+        '2 COMPLETED, 1 RUNNING'
+    """
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or empty
+
+
 def write_record(sweep_uri: str, rec: TrialRecord) -> None:
     """Replace a record unconditionally (tests and repairs; trials use RecordStore)."""
     rec.updated = time.time()

@@ -161,7 +161,7 @@ def best(name_or_uri: str, metric: str | None = None, top: int = 5,
     scored = [(metric_value(r, metric), r) for r in recs]
     scored = [(v, r) for v, r in scored if v is not None]
     if not scored:
-        states = ", ".join(f"{n} {s}" for s, n in sorted(mf.count_states(recs).items())) or "no trials yet"
+        states = mf.format_counts(mf.count_states(recs))
         raise ResultsError(f"no trial of {uri} has reported {metric} yet ({states}); "
                            f"see `rcig sweep status {name_or_uri}`")
     scored.sort(key=lambda t: t[0], reverse=(mode == "max"))

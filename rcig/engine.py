@@ -48,29 +48,13 @@ def build_context(cfg: DistillConfig, image_shape: tuple[int, int, int], num_cla
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     net = make_convnet(image_shape, num_classes, width=cfg.model.width, depth=cfg.model.depth,
                        softplus_temp=cfg.model.softplus_temp, dtype=dtype)
-    n_images = cfg.ipc * num_classes
-    o = cfg.outer
-    spec = krr.KrrSpec(
-        apply_fn=net.apply, num_classes=num_classes, lam=o.l2_rate * n_images, solve=o.solve,
-        use_flip=o.use_flip, learn_labels=o.learn_labels, label_margin=o.label_margin,
-        chunk=o.max_forward_batch_size,
+    spec = krr.KrrSpec.from_config(
+        cfg.outer, net.apply, num_classes, cfg.ipc * num_classes,
         row_sharding=NamedSharding(mesh, P("data")) if mesh is not None and mesh.size > 1 else None,
     )
-    unroll = resolve_loop(cfg) == "unroll"
-    t = cfg.lr_tune
     return step.StepContext(
-        spec=spec, net=net, image_shape=tuple(image_shape),
-        n_inner=cfg.inner.n_steps, n_hinv=cfg.hinv.n_steps,
-        inner_sub=cfg.inner.train_batch_size, hinv_sub=cfg.hinv.batch_size,
-        direct_s_sub=o.direct_support_batch, direct_t_sub=o.direct_real_batch,
-        implicit_sub=o.implicit_batch_size, precompute=o.do_precompute,
-        normal_repeats=o.normal_repeats,
-        pool_count=cfg.pool.model_count, pool_lr=cfg.pool.lr, pool_max_online=cfg.pool.max_online_steps,
-        pool_n_max=cfg.pool.n_max_steps, pool_batch=cfg.pool.train_batch_size,
-        dense_tangent=cfg.faithful.dense_kernel_tangent, faithful_e2=cfg.faithful.inner_opt_state,
-        proto_lr=o.proto_lr, temp_lr=o.temp_lr, ema_decay=o.ema_decay,
-        adapt_every=t.adapt_every, fail_fraction=t.fail_fraction, mono_fraction=t.monotonic_fraction,
-        lr_decrease=t.decrease, lr_increase=t.increase, unroll=unroll,
+        spec=spec, net=net, image_shape=tuple(image_shape), unroll=resolve_loop(cfg) == "unroll",
+        inner=cfg.inner, hinv=cfg.hinv, outer=cfg.outer, pool=cfg.pool, lr_tune=cfg.lr_tune, faithful=cfg.faithful,
     )
 
 
@@ -187,7 +171,8 @@ class Engine:
         bad = sorted(k for k, v in m.items() if not np.isfinite(v))
         if bad:
             return f"non-finite {', '.join(bad)}"
-        if self.ctx.faithful_e2 or not (self.ctx.inner_sub is None or self.ctx.inner_sub >= state["coreset"]["x"].shape[0]):
+        sub = self.ctx.inner.train_batch_size
+        if self.ctx.faithful.inner_opt_state or not (sub is None or sub >= state["coreset"]["x"].shape[0]):
             return None  # the first loss is on a subset (or a drifting base): only finiteness is checked
         want = float(self._first_loss(state["pool"]["params"], jnp.int32(int(m["pool/model"])), state["coreset"]))
         # bf16 convolutions round differently in the two programs; garbage is off by orders of magnitude

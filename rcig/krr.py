@@ -24,25 +24,37 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rcig.config import OuterConfig
+
 Params = Any
 
 
 @dataclass(frozen=True)
 class KrrSpec:
-    """Static description of the KRR problem (hashable: closed over by jit)."""
+    """Static description of the KRR problem (hashable: closed over by jit). Built from the
+    config by `KrrSpec.from_config`, which is where its settings' defaults come from."""
 
     apply_fn: Callable  # flax apply: ({'params': p}, x) -> (logits, feats)
     num_classes: int
     lam: float  # l2_rate * N (un-flipped N, E4)
-    solve: str = "lu"  # "lu" (original) | "cholesky"
-    use_flip: bool = True
-    learn_labels: bool = True
-    label_margin: bool = True
-    chunk: int | None = None  # max_forward_batch_size for no-grad forwards
+    solve: str  # "lu" (original) | "cholesky" (OuterConfig.solve)
+    use_flip: bool
+    learn_labels: bool
+    label_margin: bool
+    chunk: int | None  # max_forward_batch_size for no-grad forwards
     # Multi-device: the sharding the support rows are spread with (rows over the mesh's
     # `data` axis), so every per-row pass over the support set is split across devices
     # instead of repeated on each; None on one device.
     row_sharding: Any = None
+
+    @classmethod
+    def from_config(cls, outer: OuterConfig, apply_fn: Callable, num_classes: int, n_images: int,
+                    row_sharding: Any = None) -> KrrSpec:
+        """The KRR problem of `outer` (an `rcig.config.OuterConfig`) for `n_images` distilled
+        images (un-flipped) of `num_classes` classes."""
+        return cls(apply_fn=apply_fn, num_classes=num_classes, lam=outer.l2_rate * n_images, solve=outer.solve,
+                   use_flip=outer.use_flip, learn_labels=outer.learn_labels, label_margin=outer.label_margin,
+                   chunk=outer.max_forward_batch_size, row_sharding=row_sharding)
 
 
 def tree_vdot(a: Params, b: Params) -> jax.Array:

@@ -75,8 +75,3 @@ def make_convnet(
 ) -> ConvNet:
     d = depth if depth is not None else depth_for_side(image_shape[0])
     return ConvNet(depth=d, width=width, num_classes=num_classes, softplus_temp=softplus_temp, dtype=dtype)
-
-
-def init_params(net: ConvNet, key: jax.Array, image_shape: tuple[int, int, int]) -> dict:
-    """Fresh Flax-default parameters (LeCun-normal kernels, zero biases)."""
-    return net.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]

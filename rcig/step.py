@@ -41,42 +41,32 @@ import jax.numpy as jnp
 import optax
 
 from rcig import krr
+from rcig.config import FaithfulConfig, HinvConfig, InnerConfig, LRTuneConfig, OuterConfig, PoolConfig
 
 Params = Any
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """Static settings of the step (closed over by jit; not part of the state)."""
+    """The step's static settings (closed over by jit; not part of the state): the frozen
+    sub-configs of `rcig.config.DistillConfig` as they are (`ctx.inner.n_steps`), plus
+    what is derived from the config and the dataset (`rcig.engine.build_context`)."""
 
-    spec: krr.KrrSpec
-    net: Any  # flax ConvNet (nonlinear network for the pool)
+    spec: krr.KrrSpec                 # the KRR problem: λ, solve, flips, row sharding
+    net: Any                          # flax ConvNet (nonlinear network of the pool)
     image_shape: tuple[int, int, int]
-    n_inner: int = 20
-    n_hinv: int = 20
-    inner_sub: int | None = None
-    hinv_sub: int | None = None
-    direct_s_sub: int | None = None
-    direct_t_sub: int | None = None
-    implicit_sub: int | None = None
-    precompute: bool = False
-    normal_repeats: int = 1
-    pool_count: int = 30
-    pool_lr: float = 5e-5
-    pool_max_online: int = 100
-    pool_n_max: int = 16
-    pool_batch: int | None = None
-    dense_tangent: str = "frozen"
-    faithful_e2: bool = False
-    proto_lr: float = 3e-3
-    temp_lr: float = 3e-2
-    ema_decay: float = 0.99
-    adapt_every: int = 50
-    fail_fraction: float = 0.29
-    mono_fraction: float = 0.7
-    lr_decrease: float = 0.9
-    lr_increase: float = 1.05
-    unroll: bool = False  # lax.scan loops; True: Python-unrolled (see DistillConfig.loop)
+    unroll: bool                      # the loop form: True Python-unrolled, False lax.scan (DistillConfig.loop)
+    inner: InnerConfig = InnerConfig()
+    hinv: HinvConfig = HinvConfig()
+    outer: OuterConfig = OuterConfig()
+    pool: PoolConfig = PoolConfig()
+    lr_tune: LRTuneConfig = LRTuneConfig()
+    faithful: FaithfulConfig = FaithfulConfig()
+
+
+def fresh_model_context(ctx: StepContext) -> StepContext:
+    """`ctx` for a fresh model (the probes, E10): no inherited inner optimiser state (E2)."""
+    return dataclasses.replace(ctx, faithful=dataclasses.replace(ctx.faithful, inner_opt_state=False))
 
 
 # ---- small helpers -------------------------------------------------------------------
@@ -111,8 +101,8 @@ def _subset(key, n: int, size: int | None):
 def meta_caches(ctx: StepContext, theta0, delta, x_s, x_t) -> dict:
     """§5.6 do_precompute: stop-gradient features/offsets of all support and real rows at
     (θ0', δ*), once per outer step, when any subsampling (or precompute) is configured."""
-    subs = (ctx.direct_s_sub, ctx.direct_t_sub, ctx.hinv_sub, ctx.implicit_sub)
-    if not ctx.precompute and all(v is None for v in subs):
+    subs = (ctx.outer.direct_support_batch, ctx.outer.direct_real_batch, ctx.hinv.batch_size, ctx.outer.implicit_batch_size)
+    if not ctx.outer.do_precompute and all(v is None for v in subs):
         return {}
     return {"s": krr.linearize_nograd(ctx.spec, theta0, delta, x_s),
             "t": krr.linearize_nograd(ctx.spec, theta0, delta, x_t)}
@@ -132,7 +122,7 @@ def classify(values: jax.Array) -> jax.Array:
 
 
 def coreset_optimizers(ctx: StepContext):
-    return optax.adabelief(ctx.proto_lr), optax.adabelief(ctx.temp_lr)
+    return optax.adabelief(ctx.outer.proto_lr), optax.adabelief(ctx.outer.temp_lr)
 
 
 # ---- init ----------------------------------------------------------------------------
@@ -151,7 +141,7 @@ def init_state(ctx: StepContext, x_init, y_init, key, inner_lr: float, hvp_lr: f
         "log_temp": jnp.float32(0.0),
     }
     opt_xy, opt_t = coreset_optimizers(ctx)
-    pool = jax.vmap(lambda k: fresh_model(ctx, k))(jax.random.split(k_pool, ctx.pool_count))
+    pool = jax.vmap(lambda k: fresh_model(ctx, k))(jax.random.split(k_pool, ctx.pool.model_count))
     zero = jnp.int32(0)
     return {
         "step": zero,
@@ -174,35 +164,35 @@ def inner_loop(ctx: StepContext, model: dict, x_s, y_s, lr, key):
     adam = optax.scale_by_adam()
     st = adam.init(delta)
     base_st = None
-    if ctx.faithful_e2:  # E2: inherit the step count, and drift the base
+    if ctx.faithful.inner_opt_state:  # E2: inherit the step count, and drift the base
         st = st._replace(count=model["age"])
         base_st = optax.ScaleByAdamState(count=model["age"], mu=model["mu"], nu=model["nu"])
     n_rows = x_s.shape[0]
     # The base is fixed unless E2 drifts it: linearise and factor once for all steps.
-    all_rows = ctx.inner_sub is None or ctx.inner_sub >= n_rows
-    fixed = krr.fixed_inner_loss(spec, theta0, x_s, y_s) if all_rows and not ctx.faithful_e2 else None
+    all_rows = ctx.inner.train_batch_size is None or ctx.inner.train_batch_size >= n_rows
+    fixed = krr.fixed_inner_loss(spec, theta0, x_s, y_s) if all_rows and not ctx.faithful.inner_opt_state else None
 
     def body(carry, i):
         delta, st, base, base_st = carry
         if fixed is not None:
             loss, g = jax.value_and_grad(fixed)(delta)
         else:
-            idx = _subset(jax.random.fold_in(key, i), n_rows, ctx.inner_sub)
+            idx = _subset(jax.random.fold_in(key, i), n_rows, ctx.inner.train_batch_size)
             loss, g = jax.value_and_grad(lambda d: krr.inner_loss(spec, d, base, x_s, y_s, idx))(delta)
         u, st = adam.update(g, st)
 
         def upd(path, d, u_leaf, g_leaf):
             if _is_dense_kernel(path):
-                return d + g_leaf if ctx.dense_tangent == "ascent" else d
+                return d + g_leaf if ctx.faithful.dense_kernel_tangent == "ascent" else d
             return d - lr * u_leaf
 
         delta = jax.tree_util.tree_map_with_path(upd, delta, u, g)
         if base_st is not None:
             bu, base_st = adam.update(jax.tree.map(jnp.zeros_like, base), base_st)
-            base = jax.tree.map(lambda p, v: p - ctx.pool_lr * v, base, bu)
+            base = jax.tree.map(lambda p, v: p - ctx.pool.lr * v, base, bu)
         return (delta, st, base, base_st), loss
 
-    (delta, _, theta0p, _), losses = _repeat(ctx, body, (delta, st, theta0, base_st), ctx.n_inner)
+    (delta, _, theta0p, _), losses = _repeat(ctx, body, (delta, st, theta0, base_st), ctx.inner.n_steps)
     return delta, theta0p, losses
 
 
@@ -211,11 +201,11 @@ def direct_gradient(ctx: StepContext, coreset, delta, theta0, x_t, y_t, caches, 
     spec = ctx.spec
     n_s = coreset["x"].shape[0] * (2 if spec.use_flip else 1)
     d_sum = g_sum = None
-    for r in range(ctx.normal_repeats):
+    for r in range(ctx.outer.normal_repeats):
         ks, kt = jax.random.split(jax.random.fold_in(key, r))
         sub = {
-            "s_idx": _subset(ks, n_s, ctx.direct_s_sub),
-            "t_idx": _subset(kt, x_t.shape[0], ctx.direct_t_sub),
+            "s_idx": _subset(ks, n_s, ctx.outer.direct_support_batch),
+            "t_idx": _subset(kt, x_t.shape[0], ctx.outer.direct_real_batch),
             "s_cache": caches.get("s"),
             "t_cache": caches.get("t"),
         }
@@ -223,7 +213,7 @@ def direct_gradient(ctx: StepContext, coreset, delta, theta0, x_t, y_t, caches, 
         (loss, aux), (d_dir, g_t) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(coreset, delta)
         d_sum = d_dir if d_sum is None else jax.tree.map(jnp.add, d_sum, d_dir)
         g_sum = g_t if g_sum is None else jax.tree.map(jnp.add, g_sum, g_t)
-    inv = 1.0 / ctx.normal_repeats
+    inv = 1.0 / ctx.outer.normal_repeats
     return loss, aux, jax.tree.map(lambda a: a * inv, d_sum), jax.tree.map(lambda a: a * inv, g_sum)
 
 
@@ -234,7 +224,7 @@ def hinv_solve(ctx: StepContext, delta, theta0, x_s, y_s, g_t, lr, key, cache=No
     adam = optax.scale_by_adam()
     n_rows = x_s.shape[0]
     hvp_fixed = None
-    if ctx.hinv_sub is None or ctx.hinv_sub >= n_rows:  # all rows: H·v is one linear map, built once
+    if ctx.hinv.batch_size is None or ctx.hinv.batch_size >= n_rows:  # all rows: H·v is one linear map, built once
         hvp_fixed = jax.linearize(jax.grad(krr.fixed_inner_loss(spec, theta0, x_s, y_s)), delta)[1]
 
     def body(carry, i):
@@ -242,14 +232,14 @@ def hinv_solve(ctx: StepContext, delta, theta0, x_s, y_s, g_t, lr, key, cache=No
         if hvp_fixed is not None:
             hh = hvp_fixed(h)
         else:
-            idx = _subset(jax.random.fold_in(key, i), n_rows, ctx.hinv_sub)
+            idx = _subset(jax.random.fold_in(key, i), n_rows, ctx.hinv.batch_size)
             hh = krr.hvp(spec, delta, theta0, x_s, y_s, h, idx, cache)
         res = krr.tree_vdot(h, jax.tree.map(lambda a, b: a - 2.0 * b, hh, g_t))
         u, st = adam.update(jax.tree.map(jnp.subtract, hh, g_t), st)
         h = jax.tree.map(lambda p, v: p - lr * v, h, u)
         return (h, st), res
 
-    (h, _), residuals = _repeat(ctx, body, (h, adam.init(h)), ctx.n_hinv)
+    (h, _), residuals = _repeat(ctx, body, (h, adam.init(h)), ctx.hinv.n_steps)
     return h, residuals
 
 
@@ -257,11 +247,11 @@ def implicit_gradient(ctx: StepContext, coreset, delta, theta0, h, cache, key):
     """§5.4, averaged over normal_repeats subset draws."""
     n_s = coreset["x"].shape[0] * (2 if ctx.spec.use_flip else 1)
     total = None
-    for r in range(ctx.normal_repeats):
-        idx = _subset(jax.random.fold_in(key, r), n_s, ctx.implicit_sub)
+    for r in range(ctx.outer.normal_repeats):
+        idx = _subset(jax.random.fold_in(key, r), n_s, ctx.outer.implicit_batch_size)
         g = krr.implicit_grad(ctx.spec, coreset, delta, theta0, h, idx, cache if idx is not None else None)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
-    return jax.tree.map(lambda a: a / ctx.normal_repeats, total)
+    return jax.tree.map(lambda a: a / ctx.outer.normal_repeats, total)
 
 
 def clip_and_combine(d_dir: dict, d_imp: dict) -> tuple[dict, dict]:
@@ -288,7 +278,7 @@ def apply_coreset_update(ctx: StepContext, coreset, opt, grads):
 
 def ema_update(ctx: StepContext, ema: dict, coreset: dict, t) -> dict:
     """§6.2: bias-corrected EMA; t is the step count after increment (1 at first update)."""
-    decay = jnp.float32(ctx.ema_decay)  # f32 throughout, so the step-1 average equals the params
+    decay = jnp.float32(ctx.outer.ema_decay)  # f32 throughout, so the step-1 average equals the params
     hidden = jax.tree.map(lambda h, p: decay * h + (1 - decay) * p, ema["hidden"], coreset)
     corr = 1 - decay ** t.astype(jnp.float32)
     return {"hidden": hidden, "average": jax.tree.map(lambda h: h / corr, hidden)}
@@ -306,18 +296,18 @@ def pool_train(ctx: StepContext, model: dict, coreset: dict, n_steps, key) -> di
 
     def one(i, m):
         xb, yb = x_s, y_s
-        if ctx.pool_batch is not None and ctx.pool_batch < x_s.shape[0]:
-            idx = jax.random.permutation(jax.random.fold_in(key, i), x_s.shape[0])[: ctx.pool_batch]
+        if ctx.pool.train_batch_size is not None and ctx.pool.train_batch_size < x_s.shape[0]:
+            idx = jax.random.permutation(jax.random.fold_in(key, i), x_s.shape[0])[: ctx.pool.train_batch_size]
             xb, yb = x_s[idx], y_s[idx]
         g = jax.grad(loss_fn)(m["params"], xb, yb)
         st = optax.ScaleByAdamState(count=m["age"], mu=m["mu"], nu=m["nu"])
         u, st = adam.update(g, st)
-        params = jax.tree.map(lambda p, v: p - ctx.pool_lr * v, m["params"], u)
+        params = jax.tree.map(lambda p, v: p - ctx.pool.lr * v, m["params"], u)
         return {"params": params, "mu": st.mu, "nu": st.nu, "age": st.count}
 
     if not ctx.unroll:  # one loop body with a traced trip count: small program, fast compile
         return jax.lax.fori_loop(0, n_steps, one, model)
-    for i in range(ctx.pool_n_max - 1):  # unrolled form: each step skipped by a cond
+    for i in range(ctx.pool.n_max_steps - 1):  # unrolled form: each step skipped by a cond
         model = jax.lax.cond(i < n_steps, lambda m, i=i: one(i, m), lambda m: m, model)
     return model
 
@@ -331,7 +321,7 @@ def outer_step(ctx: StepContext, state: dict, batch: dict, key) -> tuple[dict, d
     k_model, k_inner, k_dir, k_hinv, k_imp, k_pool_n, k_pool, k_reset = keys
     step = state["step"]
 
-    model_idx = jax.random.randint(k_model, (), 0, ctx.pool_count)
+    model_idx = jax.random.randint(k_model, (), 0, ctx.pool.model_count)
     model = jax.tree.map(lambda a: a[model_idx], state["pool"])
     coreset = state["coreset"]
     x_s, y_s = krr.support(spec, jax.lax.stop_gradient(coreset))
@@ -345,11 +335,11 @@ def outer_step(ctx: StepContext, state: dict, batch: dict, key) -> tuple[dict, d
     n = st["n"] + 1
     fail = st["fail"] + (inner_label == -1)
     mono = st["mono"] + (inner_label == 1)
-    adapt = (step > 0) & (step % ctx.adapt_every == 0)
+    adapt = (step > 0) & (step % ctx.lr_tune.adapt_every == 0)
     fail_frac = fail / n
     mono_frac = mono / n
     lr_inner = state["lr"]["inner"]
-    factor = jnp.where(fail_frac >= ctx.fail_fraction, ctx.lr_decrease, jnp.where(mono_frac >= ctx.mono_fraction, ctx.lr_increase, 1.0))
+    factor = jnp.where(fail_frac >= ctx.lr_tune.fail_fraction, ctx.lr_tune.decrease, jnp.where(mono_frac >= ctx.lr_tune.monotonic_fraction, ctx.lr_tune.increase, 1.0))
     new_lr_inner = jnp.where(adapt, lr_inner * factor, lr_inner).astype(jnp.float32)
 
     # 3. meta step
@@ -369,10 +359,10 @@ def outer_step(ctx: StepContext, state: dict, batch: dict, key) -> tuple[dict, d
     new_ema = ema_update(ctx, state["ema"], new_coreset, t_next)
 
     # 5. pool training on the updated coreset (model as it was before the inner loop)
-    n_pool = jax.random.randint(k_pool_n, (), 1, ctx.pool_n_max)
+    n_pool = jax.random.randint(k_pool_n, (), 1, ctx.pool.n_max_steps)
     trained = pool_train(ctx, model, new_coreset, n_pool, k_pool)
     # 6. pool reset check
-    reset = trained["age"] >= ctx.pool_max_online
+    reset = trained["age"] >= ctx.pool.max_online_steps
     trained = jax.lax.cond(reset, lambda: fresh_model(ctx, k_reset), lambda: trained)
     pool = jax.tree.map(lambda a, v: a.at[model_idx].set(v), state["pool"], trained)
 
@@ -436,7 +426,7 @@ def probe_inner(ctx: StepContext, coreset, theta0, inner_lr, key) -> tuple[jax.A
     model = {"params": theta0, "mu": None, "nu": None, "age": jnp.int32(0)}
     x_s, y_s = krr.support(ctx.spec, coreset)
     k_inner = jax.random.split(key, 3)[0]
-    ctx_fresh = dataclasses.replace(ctx, faithful_e2=False)
+    ctx_fresh = fresh_model_context(ctx)
     _, _, losses = inner_loop(ctx_fresh, model, x_s, y_s, inner_lr, k_inner)
     return classify(losses), losses[0]
 
@@ -447,7 +437,7 @@ def probe_prepare(ctx: StepContext, coreset, theta0, batch, inner_lr, key) -> di
     model = {"params": theta0, "mu": None, "nu": None, "age": jnp.int32(0)}
     x_s, y_s = krr.support(ctx.spec, coreset)
     k_inner, k_dir, k_hinv = jax.random.split(key, 3)
-    ctx_fresh = dataclasses.replace(ctx, faithful_e2=False)
+    ctx_fresh = fresh_model_context(ctx)
     delta, theta0p, _ = inner_loop(ctx_fresh, model, x_s, y_s, inner_lr, k_inner)
     caches = meta_caches(ctx, theta0p, delta, x_s, batch["x"])
     _, _, _, g_t = direct_gradient(ctx, coreset, delta, theta0p, batch["x"], batch["y"], caches, k_dir)
@@ -471,7 +461,7 @@ def probe(ctx: StepContext, coreset, theta0, batch, inner_lr, hvp_lr, key, inner
     model = {"params": theta0, "mu": None, "nu": None, "age": jnp.int32(0)}
     x_s, y_s = krr.support(ctx.spec, coreset)
     k_inner, k_dir, k_hinv = jax.random.split(key, 3)
-    ctx_fresh = dataclasses.replace(ctx, faithful_e2=False)  # probes use a fresh model (E10)
+    ctx_fresh = fresh_model_context(ctx)  # probes use a fresh model (E10)
     delta, theta0p, losses = inner_loop(ctx_fresh, model, x_s, y_s, inner_lr, k_inner)
     if inner_only:
         return classify(losses), jnp.int32(0)

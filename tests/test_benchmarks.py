@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from benchmarks.common import ANCHORED, SETTINGS
 from conftest import ROOT, loopback_env
+from doc_tables import first_table
 
 TINY = ["--tiny", "--settings", "digits_shape", "--steps", "2", "--warmup", "0", "--loop", "scan"]
 
@@ -44,8 +47,21 @@ def check_setting(rec: dict, devices: int = 1) -> None:
     assert st["pipelined_s"] > 0 and rec["compile_s"] > 0 and rec["first_step_s"] > 0
     assert rec["cost"]["flops"] > 0 and rec["cost"]["bytes"] > 0
     assert rec["memory_analysis"]["total_bytes"] > 0 and rec["host_peak_rss_bytes"] > 0
-    assert rec["anchor"] == {"s_per_step": 0.102, "compile_s": 17.9, "device": "H200"}
-    assert rec["support_rows"] == 20
+    anchor = SETTINGS["digits_shape"]
+    assert rec["anchor"] == {"s_per_step": anchor.anchor_s, "compile_s": anchor.anchor_compile_s, "device": "H200"}
+    assert rec["support_rows"] == 2 * anchor.classes * anchor.ipc  # flips on: two rows per image
+
+
+def test_anchors_are_the_documented_figures():
+    """The anchors benchmarks carry are the original's figures in docs/performance.md §1.2."""
+    documented = {}
+    for cells in first_table("docs/performance.md", "### 1.2 Seconds per outer step")[1:]:
+        documented[re.fullmatch(r"`(\w+)`", cells[1]).group(1)] = (int(cells[2]), float(cells[3]), float(cells[4]))
+    assert set(documented) == set(ANCHORED)
+    for name, (rows, s_per_step, compile_s) in documented.items():
+        st = SETTINGS[name]
+        assert (st.anchor_s, st.anchor_compile_s) == (s_per_step, compile_s), name
+        assert rows == 2 * st.classes * st.ipc, name  # flips on in both presets
 
 
 def test_bad_setting_is_one_clear_line(tmp_path):

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from doc_tables import first_table
 from rcig import storage
-from rcig.data import DATASETS, STATS, DatasetError, load_dataset
+from rcig.data import DATASETS, REGISTRY, DatasetError, load_dataset
 
 RNG = np.random.default_rng(0)
 
@@ -203,9 +205,27 @@ def assert_pixels(ds, x_train, x_test, atol=2e-5):
 # --- digits (embedded default) ------------------------------------------------------------
 
 
-def test_registry_names():
-    assert DATASETS == ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100",
-                        "tiny_imagenet", "npz")
+def _documented_datasets() -> dict[str, tuple[str, str]]:
+    """name -> (standardisation, ZCA) cells of the table in docs/algorithm.md §12."""
+    rows = first_table("docs/algorithm.md", "## 12 Datasets")[1:]
+    return {re.match(r"`(\w+)`", r[0]).group(1): (r[4], r[5]) for r in rows}
+
+
+def test_registry_is_the_documented_table():
+    """The registry holds the datasets docs/algorithm.md §12 documents, with its constants and ZCA rule."""
+    documented = _documented_datasets()
+    assert set(DATASETS) == set(documented) and len(DATASETS) == len(REGISTRY)
+    for name, (stats_cell, zca_cell) in documented.items():
+        entry = REGISTRY[name]
+        if entry.stats is None:
+            assert stats_cell == "from train", name
+        else:
+            nums = [float(v) for v in re.findall(r"\d+\.\d+", stats_cell)]
+            assert nums == [*entry.stats[0], *entry.stats[1]], name
+        want_zca = {"no": False, "when 3 channels": None}.get(zca_cell, True)
+        assert entry.zca is want_zca, f"{name}: ZCA {entry.zca} but documented {zca_cell!r}"
+    with pytest.raises(DatasetError, match="expected one of " + ", ".join(DATASETS)):
+        load_dataset("imagenet")
 
 
 def test_digits_shapes_split_and_standardisation():
@@ -302,7 +322,7 @@ def _check_cifar(ds, written, dataset):
     np.testing.assert_array_equal(ds.y_test, y_te)
     assert ds.class_names == names and ds.num_classes == (10 if dataset == "cifar10" else 100)
     assert ds.preprocessor.zca is not None
-    np.testing.assert_allclose(ds.preprocessor.mean, STATS[dataset][0], rtol=1e-6)
+    np.testing.assert_allclose(ds.preprocessor.mean, REGISTRY[dataset].stats[0], rtol=1e-6)
     assert_pixels(ds, x_tr, x_te, atol=1e-4)
 
 

@@ -8,6 +8,7 @@ match `varB/` (Dense-kernel tangent frozen in the inner loop, E1); its faithful 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from rcig import krr, step
+from rcig.config import FaithfulConfig, OuterConfig, PoolConfig
 from rcig.model import ConvNet
 
 REF = Path(os.environ.get("RCIG_REFERENCE", Path(__file__).resolve().parent / "data/rcig-reference/reference.npz"))
@@ -38,8 +40,11 @@ def tree(ref, prefix):
 
 def ctx_for(ref, dense: str, solve: str = "cholesky") -> step.StepContext:
     net = ConvNet(depth=int(ref["in/hp/depth"]), width=int(ref["in/hp/width"]), num_classes=int(ref["in/hp/C"]), softplus_temp=float(ref["in/hp/softplus_beta"]))
-    spec = krr.KrrSpec(apply_fn=net.apply, num_classes=3, lam=float(ref["in/hp/lambda"]), use_flip=True, solve=solve)
-    return step.StepContext(spec=spec, net=net, image_shape=(8, 8, 1), pool_count=1, dense_tangent=dense, unroll=False)
+    # λ as the reference recorded it (not recomputed from l2_rate), the rest from the config
+    spec = dataclasses.replace(krr.KrrSpec.from_config(OuterConfig(use_flip=True, solve=solve), net.apply, 3, 1),
+                               lam=float(ref["in/hp/lambda"]))
+    return step.StepContext(spec=spec, net=net, image_shape=(8, 8, 1), unroll=False, pool=PoolConfig(model_count=1),
+                            faithful=FaithfulConfig(dense_kernel_tangent=dense))
 
 
 def rel(a, b) -> float:

@@ -111,36 +111,34 @@ def reference(tmp_path_factory, run_env) -> Path:
     return out
 
 
-def test_sigkill_then_rerun_is_bitwise_equal(reference, run_env, tmp_path):
-    out = tmp_path / "run"
-    p = start(out, run_env, tag="killed")
-    wait_for_checkpoint(out, EVERY, p, "killed")
-    assert p.poll() is None, "the run finished before it could be killed; raise N_STEPS"
-    p.send_signal(signal.SIGKILL)
-    assert p.wait(timeout=60) == -signal.SIGKILL
-    resumed_at = CheckpointStore(str(out)).latest_step()
-    assert EVERY <= resumed_at < N_STEPS and not (out / "distilled.npz").exists()
+def _signal_after_a_checkpoint(out: Path, run_env, sig: int, tag: str) -> int:
+    """Start a run, send it `sig` once its first periodic checkpoint is there; its exit code."""
+    p = start(out, run_env, tag=tag)
+    wait_for_checkpoint(out, EVERY, p, tag)
+    assert p.poll() is None, "the run finished before the signal; raise N_STEPS"
+    p.send_signal(sig)
+    return p.wait(timeout=300)
 
+
+def _rerun_matches_reference(out: Path, run_env, reference: Path, stopped_at: int) -> None:
+    assert EVERY <= stopped_at < N_STEPS and not (out / "distilled.npz").exists()
     rc, log = run_to_end(out, run_env, tag="resumed")
     assert rc == 0, log
-    assert_same_result(out, reference, resumed_at)
+    assert_same_result(out, reference, stopped_at)
+
+
+def test_sigkill_then_rerun_is_bitwise_equal(reference, run_env, tmp_path):
+    out = tmp_path / "run"
+    assert _signal_after_a_checkpoint(out, run_env, signal.SIGKILL, "killed") == -signal.SIGKILL
+    _rerun_matches_reference(out, run_env, reference, CheckpointStore(str(out)).latest_step())
 
 
 def test_sigterm_checkpoints_current_step_exits_75_and_resumes_bitwise(reference, run_env, tmp_path):
     out = tmp_path / "run"
-    p = start(out, run_env, tag="terminated")
-    wait_for_checkpoint(out, EVERY, p, "terminated")
-    assert p.poll() is None, "the run finished before it could be stopped; raise N_STEPS"
-    p.send_signal(signal.SIGTERM)
-    rc = p.wait(timeout=300)
-    assert rc == 75, log_of(out, "terminated")
+    assert _signal_after_a_checkpoint(out, run_env, signal.SIGTERM, "terminated") == 75, log_of(out, "terminated")
     stopped_at = max(metrics(out))  # the step it was on: finished, logged, then checkpointed
     assert CheckpointStore(str(out)).latest_step() == stopped_at
-    assert EVERY <= stopped_at < N_STEPS and not (out / "distilled.npz").exists()
-
-    rc, log = run_to_end(out, run_env, tag="resumed")
-    assert rc == 0, log
-    assert_same_result(out, reference, stopped_at)
+    _rerun_matches_reference(out, run_env, reference, stopped_at)
 
 
 def test_resume_with_other_ipc_is_refused(reference, run_env, tmp_path):

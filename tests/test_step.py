@@ -12,7 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from rcig import krr, step
-from rcig.config import make_config
+from rcig.config import HinvConfig, InnerConfig, OuterConfig, make_config
 from rcig.engine import Engine
 from rcig.model import ConvNet
 
@@ -160,8 +160,9 @@ def test_implicit_gradient_matches_exact_hypergradient():
     """With the inner problem solved to convergence, direct + implicit == d L_out(δ*(S), S)/dX."""
     net = ConvNet(depth=2, width=2, num_classes=2, softplus_temp=60.0)
     n_img = 4
-    spec = krr.KrrSpec(apply_fn=net.apply, num_classes=2, lam=0.5 * n_img, use_flip=False)
-    ctx = step.StepContext(spec=spec, net=net, image_shape=(8, 8, 1), n_inner=600, n_hinv=600, unroll=False, dense_tangent="frozen")
+    spec = krr.KrrSpec.from_config(OuterConfig(l2_rate=0.5, use_flip=False), net.apply, 2, n_img)
+    ctx = step.StepContext(spec=spec, net=net, image_shape=(8, 8, 1), unroll=False,
+                           inner=InnerConfig(n_steps=600), hinv=HinvConfig(n_steps=600))
     rng = np.random.default_rng(3)
     theta0 = net.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)))["params"]
     cs = {"x": jnp.asarray(rng.normal(size=(n_img, 8, 8, 1)), jnp.float32),
@@ -215,7 +216,7 @@ def test_implicit_gradient_matches_exact_hypergradient():
 # ---- switches change what the spec says and nothing else ----------------------------------
 def _spec(use_flip=True, learn_labels=True):
     net = ConvNet(depth=2, width=4, num_classes=C, softplus_temp=60.0)
-    return net, krr.KrrSpec(apply_fn=net.apply, num_classes=C, lam=5e-4 * C * IPC, use_flip=use_flip, learn_labels=learn_labels)
+    return net, krr.KrrSpec.from_config(OuterConfig(use_flip=use_flip, learn_labels=learn_labels), net.apply, C, C * IPC)
 
 
 def _inputs():

@@ -8,19 +8,19 @@ Example:
     >>> x.shape, y.shape
     ((64, 8, 8, 1), (64, 10))
 
-Registry (`DATASETS`): ``digits`` (scikit-learn's bundled 8x8 digits), ``mnist``,
+Registry (`REGISTRY`, names in `DATASETS`): ``digits`` (scikit-learn's bundled 8x8 digits), ``mnist``,
 ``fashion_mnist`` (official IDX files), ``cifar10``, ``cifar100`` (official python
 archives, restricted unpickler), ``tiny_imagenet`` (official folder), ``npz``.
 """
 
-from rcig.data.dataset import DATASETS, STATS, Dataset, load_dataset, load_run_dataset, with_val_split
+from rcig.data.dataset import DATASETS, REGISTRY, Dataset, DatasetEntry, load_dataset, load_run_dataset, with_val_split
 from rcig.data.errors import DatasetError
 from rcig.data.preprocess import Preprocessor, Zca, compute_zca
 from rcig.data.sampling import init_proto_indices, real_batch_indices, shifted_one_hot
 from rcig.data.split import ValSplit, val_split
 
 __all__ = [
-    "DATASETS", "STATS", "Dataset", "DatasetError", "Preprocessor", "Zca", "compute_zca",
+    "DATASETS", "REGISTRY", "Dataset", "DatasetEntry", "DatasetError", "Preprocessor", "Zca", "compute_zca",
     "init_proto_indices", "load_dataset", "real_batch_indices", "shifted_one_hot",
     "ValSplit", "load_run_dataset", "val_split", "with_val_split",
 ]

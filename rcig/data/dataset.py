@@ -1,8 +1,10 @@
-"""The `Dataset` record and `load_dataset`, the registry of named datasets (docs/algorithm.md §12)."""
+"""The `Dataset` record, `load_dataset` and `REGISTRY`, the table of named datasets
+(docs/algorithm.md §12): adding a dataset format is one reader module and one entry here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -15,26 +17,31 @@ from rcig.data.preprocess import Preprocessor, cached_zca, channel_stats
 from rcig.data.split import DEFAULT_MAX_IMAGES, val_split
 from rcig.data.tiny_imagenet import load_tiny_imagenet
 
-DATASETS: tuple[str, ...] = (
-    "digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "npz")
 
-# Per-channel standardisation constants from §12 (pixels in [0, 1]); None = from train data.
-STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
-    "digits": None,
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion_mnist": ((0.2861,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "tiny_imagenet": ((0.4759, 0.4481, 0.3926), (0.2763, 0.2687, 0.2813)),
-    "npz": None,
-}
-# ZCA per §1.5: not for MNIST-likes; `digits` follows MNIST (1 channel, no ZCA); `npz`
-# uses ZCA exactly when its images have 3 channels (RGB, like every ZCA dataset in §12).
-_ZCA = {"digits": False, "mnist": False, "fashion_mnist": False, "cifar10": True,
-        "cifar100": True, "tiny_imagenet": True}
-_READERS = {"digits": load_digits_split, "mnist": load_idx, "fashion_mnist": load_idx,
-            "cifar10": load_cifar, "cifar100": load_cifar, "tiny_imagenet": load_tiny_imagenet,
-            "npz": load_npz}
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One named dataset: how its files are read and how its pixels are pre-processed."""
+
+    name: str
+    # (name, data_dir) -> (x_train, y_train, x_test, y_test, class_names[, num_classes])
+    reader: Callable[[str, str | None], tuple]
+    # Per-channel standardisation constants of §12 on [0, 1] pixels; None = from train data.
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None
+    # ZCA per §1.5: not for MNIST-likes (`digits` follows MNIST: 1 channel, no ZCA); None:
+    # exactly when the images have 3 channels (RGB, like every ZCA dataset in §12).
+    zca: bool | None
+
+
+REGISTRY: dict[str, DatasetEntry] = {e.name: e for e in (
+    DatasetEntry("digits", load_digits_split, None, False),
+    DatasetEntry("mnist", load_idx, ((0.1307,), (0.3081,)), False),
+    DatasetEntry("fashion_mnist", load_idx, ((0.2861,), (0.3530,)), False),
+    DatasetEntry("cifar10", load_cifar, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), True),
+    DatasetEntry("cifar100", load_cifar, ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)), True),
+    DatasetEntry("tiny_imagenet", load_tiny_imagenet, ((0.4759, 0.4481, 0.3926), (0.2763, 0.2687, 0.2813)), True),
+    DatasetEntry("npz", load_npz, None, None),
+)}
+DATASETS: tuple[str, ...] = tuple(REGISTRY)
 _CHUNK = 4096
 
 
@@ -113,21 +120,22 @@ def load_dataset(name: str, data_dir: str | None = None, cache_dir: str | None =
         >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
         ((1437, 8, 8, 1), (360, 8, 8, 1), 10)
     """
-    if name not in _READERS:
+    if name not in REGISTRY:
         raise DatasetError(f"unknown dataset '{name}'; expected one of {', '.join(DATASETS)}")
-    loaded = _READERS[name](name, data_dir)
+    entry = REGISTRY[name]
+    loaded = entry.reader(name, data_dir)
     x_train, y_train, x_test, y_test, class_names = loaded[:5]
     num_classes = loaded[5] if len(loaded) > 5 else (
         len(class_names) if class_names else int(y_train.max()) + 1)
     channels = x_train.shape[-1]
 
-    if STATS[name] is not None:
-        mean, std = (np.asarray(v) for v in STATS[name])
+    if entry.stats is not None:
+        mean, std = (np.asarray(v) for v in entry.stats)
     else:
         mean, std = channel_stats(_apply(lambda x: x, x_train))
     standardize_only = Preprocessor(mean, std)
     preprocessor = standardize_only
-    use_zca = _ZCA.get(name, channels == 3)
+    use_zca = entry.zca if entry.zca is not None else channels == 3
     if use_zca:
         x_std = _apply(standardize_only.standardize, x_train)
         zca = cached_zca(name, x_std, cache_dir)
