@@ -46,6 +46,11 @@ checkpoints (a restart after a preemption, or after a driver restart).
 A PBT pause (Tune stops a trial to let another run, or to exploit) ends the attempt like
 a preemption: the worker commits a checkpoint and the trial resumes from it.
 
+Asynchronous PBT (the default) ranks a trial against the others' latest estimates when it
+reports; trials much shorter than their compile can run past each other before any
+decision (the tests use `synch: true`, where every decision waits for the whole
+population).
+
 Example:
     >>> sched = build_pbt(spec.scheduler, spec)      # doctest: +SKIP
     >>> lineage("sweeps/pbt/trials/<key>")["exploits"][0]["donor_key"]  # doctest: +SKIP

@@ -65,6 +65,37 @@ def test_pbt_spec_refuses_what_it_cannot_do():
         load_spec(PBT, sets=["search.algorithm=optuna"])
 
 
+def _fake_step(run: str, step: int, cfg: dict) -> dict[str, bytes]:
+    from rcig import storage
+
+    files = {"state/d/abc": bytes(range(256)) * 4, "state/_METADATA": b'{"tree": 1}',
+             "config/metadata": json.dumps(cfg).encode(), "config/commit_success.txt": b"ok",
+             "_CHECKPOINT_METADATA": b"{}", COMMIT: b"ok"}
+    for rel, data in files.items():
+        storage.write_bytes(storage.join(run, "checkpoints", str(step), rel), data)
+    return files
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_copy_step_replaces_own_steps_with_the_donors_byte_for_byte(where, tmp_path, request):
+    from orchestrator.pbt import copy_step, donor_step
+    from rcig import storage
+
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("gcs_bucket")
+    donor, mine = storage.join(root, "donor"), storage.join(root, "mine")
+    want = _fake_step(donor, 10, {"dataset": "digits", "steps": 20, "outer": {"proto_lr": 0.01}})
+    _fake_step(donor, 15, {"dataset": "digits", "steps": 20})
+    _fake_step(mine, 12, {"dataset": "digits", "steps": 20, "outer": {"proto_lr": 0.1}})
+    assert donor_step(donor, 10, wait_s=0) == 10
+    assert donor_step(donor, 5, wait_s=0) == 10  # pruned: the nearest later committed step
+    new_cfg = {"dataset": "digits", "steps": 20, "outer": {"proto_lr": 0.012}}
+    copy_step(donor, 10, mine, new_cfg)
+    assert storage.listdir(storage.join(mine, "checkpoints")) == ["10"]
+    for rel, data in want.items():
+        got = storage.read_bytes(storage.join(mine, "checkpoints", "10", rel))
+        assert got == (json.dumps(new_cfg).encode() if rel == "config/metadata" else data), rel
+
+
 def test_pbt_exploit_continues_from_the_donors_committed_state(ray_local, tmp_path):  # noqa: F811
     out = launch(PBT, storage_uri=str(tmp_path), sets=SETS)
     assert out.counts == {mf.COMPLETED: 2}, out
