@@ -148,11 +148,15 @@ def main(argv: list[str]) -> int:
     if lease is not None:
         lease.release()
     emit({"event": "result", **dataclasses.asdict(result)})
-    if result.status != "completed":  # committed; do not spend the notice on shutdown
+    if result.status != "completed" or dist is not None:
+        # Committed. A stopped run must not spend the notice on shutdown; a process of a
+        # multi-host run must not wait at jax.distributed's shutdown barrier for the others
+        # (process 0 evaluates long after the rest have finished, and a barrier timeout
+        # aborts the process).
         from rcig.preemption import exit_preempted
 
         events.flush()
-        exit_preempted(EXIT_PREEMPTED)
+        exit_preempted(EXIT_PREEMPTED if result.status != "completed" else 0)
     return 0
 
 
