@@ -294,31 +294,21 @@ def _is_config(uri: str) -> bool:
     return isinstance(doc, dict) and "dataset" in doc and "steps" in doc
 
 
-def _metrics_rows(uri: str) -> list[dict[str, Any]]:
-    try:
-        text = storage.read_text(uri)
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
 def _take_history(donor_uri: str, step: int, trial_uri: str, n: int) -> None:
-    """metrics.jsonl: the donor's rows up to `step`; the trial's own rows move to
-    `pbt/metrics.before_exploit_<n>.jsonl`."""
-    own = storage.join(trial_uri, "metrics.jsonl")
-    try:
-        storage.write_bytes(storage.join(trial_uri, OWN_HISTORY, f"metrics.before_exploit_{n}.jsonl"),
-                            storage.read_bytes(own))
-    except FileNotFoundError:
-        pass
-    rows = [r for r in _metrics_rows(storage.join(donor_uri, "metrics.jsonl")) if r.get("step", 0) <= step]
-    storage.write_text(own, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    """metrics.jsonl: the donor's rows up to `step` (read in any of `rcig.run_folder`'s
+    forms, written as one file, the trial's own parts removed); the trial's own rows move
+    to `pbt/metrics.before_exploit_<n>.jsonl`."""
+    from rcig.run_folder import METRICS_JSONL, METRICS_PARTS, read_metrics
+
+    def dump(rows: list[dict]) -> str:
+        return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+    own = read_metrics(trial_uri)
+    if own:
+        storage.write_text(storage.join(trial_uri, OWN_HISTORY, f"metrics.before_exploit_{n}.jsonl"), dump(own))
+    rows = read_metrics(donor_uri, upto=step)
+    storage.remove(storage.join(trial_uri, METRICS_PARTS), recursive=True)
+    storage.write_text(storage.join(trial_uri, METRICS_JSONL), dump(rows))
     storage.remove(storage.join(trial_uri, "eval.partial.json"))
 
 
