@@ -153,7 +153,7 @@ def test_one_spec_per_paper_setting():
 
 def test_quickstart_is_laptop_sized():
     spec = load_spec(ROOT / "sweeps/quickstart.yaml")
-    assert spec.dataset == "digits" and spec.resources.as_dict() == {"cpu": 1, "gpu": 0, "tpu": 0, "accelerator_type": None, "custom": {}}
+    assert spec.dataset == "digits" and spec.resources.as_dict() == {"cpu": 1, "gpu": 0, "tpu": 0, "accelerator_type": None, "custom": {}, "hosts": 1}
     assert 2 <= spec.grid_size() <= 6 and spec.max_concurrent <= 2
 
 
