@@ -15,6 +15,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import manifest as mf
+from rcig.units import human_seconds
 
 if TYPE_CHECKING:  # pragma: no cover
     from orchestrator.report import Report, TrialView
@@ -94,11 +95,7 @@ def _when(t: float) -> str:
 def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "–"
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
+    return human_seconds(seconds) + " ago"
 
 
 def _param(v: Any) -> str:

@@ -16,7 +16,7 @@ The modules are of two kinds, and the split is checked (tests/test_layout.py):
 
 Pure (math and data structures; no files, network, signals, clocks of the machine or
 process state; they import only each other and numerical libraries):
-    config, krr, step, model, engine, lr_search, augment, export
+    config, krr, step, model, engine, lr_search, augment, export, units
     (`engine` places arrays on devices; `export` builds the distilled set's arrays and
     its PNG bytes in memory.)
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import importlib
 
-PURE = ("config", "krr", "step", "model", "engine", "lr_search", "augment", "export")
+PURE = ("config", "krr", "step", "model", "engine", "lr_search", "augment", "export", "units")
 
 _WHERE = {
     "make_config": "config", "DistillConfig": "config", "ConfigError": "config",

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rcig.config import DistillConfig
+from rcig.units import human_bytes as _fmt_bytes
+from rcig.units import human_seconds as _fmt_s
 
 # image shape and classes per dataset, for estimating without the dataset files
 SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
@@ -138,22 +140,6 @@ def estimate(cfg: DistillConfig, *, image_shape=None, num_classes: int | None = 
         "step_s": step_s, "tune_s": tune_s, "compile_s": step_compile_s, "eval_s": eval_s, "wall_s": wall,
         "measured_compile_s": compile_s, "analysis_s": time.perf_counter() - t0,
     }
-
-
-def _fmt_s(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
-
-
-def _fmt_bytes(b: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if b < 1024 or unit == "GiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-    return f"{b:.1f} GiB"
 
 
 def describe(est: dict) -> list[str]:

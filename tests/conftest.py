@@ -71,6 +71,30 @@ def wait_for(pred, timeout: float, what: str, every: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+@pytest.fixture(scope="module")
+def ray_local(request):
+    """A local Ray for the module's sweeps, started as `rcig sweep launch` starts it (bound
+    to 127.0.0.1 under the tests), in its own temp dir so that a Ray started elsewhere on
+    this machine (its address in /tmp/ray/ray_current_cluster) is never joined by mistake.
+    The module's `TEST_ENV` (if any) is set first."""
+    import tempfile
+
+    import ray
+
+    from orchestrator.sweep import init_ray
+
+    os.environ.update(getattr(request.module, "TEST_ENV", {}))
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rl", dir="/tmp")
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+    if before is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = before
+
+
 def assert_same_distilled(a_path, b_path) -> None:
     """Two distilled.npz files hold the same set (floats to 1e-5, the rest exactly)."""
     import numpy as np

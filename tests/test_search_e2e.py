@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,26 +36,6 @@ TINY = ["model.width=8", "outer.real_batch_size=64", "pool.model_count=2", "lr_t
 TEST_ENV = {"RCIG_LEASE_HEARTBEAT_S": "1", "RCIG_RECORD_MIN_INTERVAL_S": "0.3",
             "RCIG_TUNE_VERBOSE": "0"}
 OPTUNA_SPACE = "search.space={seed: {randint: [0, 1000]}, eval.probe_lr: {loguniform: [0.00001, 0.1]}}"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from orchestrator.sweep import init_ray
-
-    os.environ.update(TEST_ENV)
-    # Our own Ray temp dir: a local Ray started elsewhere on this machine (its address in
-    # /tmp/ray/ray_current_cluster) is not joined by mistake.
-    before = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    init_ray(num_cpus=2)  # as `rcig sweep launch` starts it (binds 127.0.0.1 under the tests)
-    yield
-    ray.shutdown()
-    if before is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = before
 
 
 def _searcher_study(sweep_uri: str):

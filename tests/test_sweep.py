@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import cli
 from orchestrator import manifest as mf
-from orchestrator.results import best, fetch, status
+from orchestrator.results import best, fetch
 from orchestrator.sweep import launch, resume
 
 from conftest import loopback_env, wait_for
@@ -39,18 +39,6 @@ TINY = ["outer.proto_lr=0.003", "outer.learn_labels=true", "model.width=8", "out
         "checkpoint.every_seconds=0", "log_every=1", "steps=10"]
 TEST_ENV = {"RCIG_LEASE_HEARTBEAT_S": "1", "RCIG_RECORD_MIN_INTERVAL_S": "0.3",
             "RCIG_TUNE_VERBOSE": "0"}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from orchestrator.sweep import init_ray
-
-    os.environ.update(TEST_ENV)
-    init_ray(num_cpus=2)  # as `rcig sweep launch` starts it
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

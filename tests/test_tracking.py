@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,24 +35,6 @@ TINY = ["model.width=8", "outer.real_batch_size=64", "pool.model_count=2", "lr_t
 STRONG, WEAK = 0.03, 0.000001
 TEST_ENV = {"RCIG_LEASE_HEARTBEAT_S": "1", "RCIG_RECORD_MIN_INTERVAL_S": "0.3",
             "RCIG_TUNE_VERBOSE": "0"}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from orchestrator.sweep import init_ray
-
-    os.environ.update(TEST_ENV)
-    before = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # our own Ray
-    init_ray(num_cpus=2)  # as `rcig sweep launch` starts it
-    yield
-    ray.shutdown()
-    if before is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = before
 
 
 @pytest.fixture(scope="module")
