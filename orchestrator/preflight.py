@@ -127,10 +127,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         if problem:
             raise _sweep_error(problem)
     try:
+        # Without an address: RAY_ADDRESS when set (a cluster named on purpose), else a
+        # new local Ray, never one named by a leftover /tmp/ray/ray_current_cluster (a
+        # dead one there made ray.init retry its GCS for ever).
+        address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(include_dashboard=False, num_cpus=num_cpus, **kwargs)
+            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
     except Exception as e:  # noqa: BLE001 - ConnectionError, AuthenticationError (a RayError), ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if type(e).__name__ == "AuthenticationError":
