@@ -100,13 +100,12 @@ def overhead(args) -> dict:
 
 
 def _wait(pred, timeout: float, what: str, every: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise SystemExit(f"node-kill benchmark: timed out after {timeout:.0f} s waiting for {what}")
+    from orchestrator.polling import poll_until
+
+    v = poll_until(pred, timeout, every)
+    if not v:
+        raise SystemExit(f"node-kill benchmark: timed out after {timeout:.0f} s waiting for {what}")
+    return v
 
 
 def node_kill(args) -> dict:

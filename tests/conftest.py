@@ -62,13 +62,11 @@ if str(ROOT) not in sys.path:
 def wait_for(pred, timeout: float, what: str, every: float = 0.2):
     """Poll `pred()` until it returns something truthy (returned); AssertionError naming
     `what` after `timeout` seconds."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    from orchestrator.polling import poll_until
+
+    v = poll_until(pred, timeout, every)
+    assert v, f"timed out after {timeout}s waiting for {what}"
+    return v
 
 
 @pytest.fixture(scope="module")
