@@ -93,15 +93,15 @@ def ray_local(request):
         os.environ["RAY_TMPDIR"] = before
 
 
-def assert_same_distilled(a_path, b_path) -> None:
-    """Two distilled.npz files hold the same set (floats to 1e-5, the rest exactly)."""
+def assert_same_distilled(a_path, b_path, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Two distilled.npz files hold the same set (floats to rtol/atol, the rest exactly)."""
     import numpy as np
 
     a, b = np.load(a_path), np.load(b_path)
     assert sorted(a.files) == sorted(b.files)
     for name in a.files:
         if a[name].dtype.kind in "fc":
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
         else:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, loopback_env, suite_pids, wait_for
+from conftest import ROOT, assert_same_distilled, loopback_env, suite_pids, wait_for
 
 CHILD = r"""
 import json, os, sys
@@ -158,13 +158,7 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def _same_set(a: Path, b: Path, rtol: float = 1e-4, atol: float = 1e-5) -> None:
-    x, y = np.load(a), np.load(b)
-    assert sorted(x.files) == sorted(y.files)
-    for name in x.files:
-        if x[name].dtype.kind in "fc":
-            np.testing.assert_allclose(x[name], y[name], rtol=rtol, atol=atol, err_msg=name)
-        else:
-            np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+    assert_same_distilled(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.slow
