@@ -22,7 +22,7 @@ from orchestrator import manifest as mf
 from orchestrator.pbt import COMMIT, LINEAGE, lineage
 from orchestrator.spec import load_spec
 from orchestrator.sweep import launch
-from tests.test_search_e2e import TINY, ray_local  # noqa: F401  (fixture)
+from tests.test_search_e2e import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
