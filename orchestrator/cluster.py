@@ -15,7 +15,7 @@ A failure raises `ClusterConfigError` with one line naming the file and the key.
 Example:
     >>> cfg = load_cluster_config("infra/gcp-tpu.yaml")
     >>> node_types_satisfying(cfg, {"TPU": 4, "accelerator_type:TPU-V4": 0.001})
-    ['tpu_v4_8']
+    ['tpu_v4_8', 'tpu_v4_16']
 """
 
 from __future__ import annotations

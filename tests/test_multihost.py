@@ -278,7 +278,7 @@ def test_more_hosts_than_nodes_is_refused_before_any_trial(cluster, tmp_path):
 
     with pytest.raises(SweepError) as e:
         launch(QUICKSTART, storage_uri=str(tmp_path), name="toomany", address=cluster.address,
-               shared_storage=True, sets=TINY_MH + ["resources.hosts=3"])
+               shared_storage=True, sets=TINY_MH + ["resources.hosts=4"])
     msg = str(e.value)
-    assert "\n" not in msg and "resources.hosts: a trial spans 3 hosts" in msg and "only 2 node(s)" in msg, msg
+    assert "\n" not in msg and "resources.hosts: a trial spans 4 hosts" in msg and "only 2 node(s)" in msg, msg
     assert not (tmp_path / "toomany").exists()
