@@ -221,6 +221,25 @@ class DistillConfig:
 # ---- the paper's presets (docs/algorithm.md §11.1), and the embedded default -------
 _FULL_AUG = "flip_color_crop_rotate_translate_cutout"
 
+
+def _precomputed(forward_batch: int, **outer: Any) -> OuterConfig:
+    """Outer step with the stop-gradient features/offsets of all support and real rows
+    precomputed, `forward_batch` rows a forward (§5.6 `do_precompute`,
+    `max_forward_batch_size`)."""
+    return OuterConfig(do_precompute=True, max_forward_batch_size=forward_batch, **outer)
+
+
+def _big_batch(n: int, **outer: Any) -> dict[str, Any]:
+    """The memory-bounded presets' batching: the inner loop, the H-solve, the direct
+    support batch, the implicit gradient and the precomputed forward all `n` rows at a
+    time; `outer` adds the preset's other outer settings."""
+    return dict(
+        inner=InnerConfig(train_batch_size=n),
+        hinv=HinvConfig(batch_size=n),
+        outer=_precomputed(n, direct_support_batch=n, implicit_batch_size=n, **outer),
+    )
+
+
 PRESETS: dict[str, DistillConfig] = {
     "depth_3": DistillConfig(preset="depth_3", steps=10000),
     "depth_3_no_flip": DistillConfig(
@@ -230,47 +249,25 @@ PRESETS: dict[str, DistillConfig] = {
         eval=EvalConfig(aug="crop_rotate_translate_cutout"),
     ),
     "cifar100_50": DistillConfig(
-        preset="cifar100_50",
-        steps=10000,
-        inner=InnerConfig(train_batch_size=2000),
-        hinv=HinvConfig(batch_size=2000),
-        outer=OuterConfig(
-            use_flip=False,
-            normal_repeats=2,
-            direct_support_batch=2000,
-            implicit_batch_size=2000,
-            do_precompute=True,
-            max_forward_batch_size=2000,
-        ),
+        preset="cifar100_50", steps=10000, **_big_batch(2000, use_flip=False, normal_repeats=2)
     ),
     "depth_4_200": DistillConfig(
         preset="depth_4_200",
         steps=5000,
         model=ModelConfig(softplus_temp=0.0),
-        outer=OuterConfig(direct_real_batch=400, do_precompute=True, max_forward_batch_size=400),
+        outer=_precomputed(400, direct_real_batch=400),
     ),
     "depth_4_big": DistillConfig(
         preset="depth_4_big",
         steps=10000,
         model=ModelConfig(softplus_temp=0.0),
-        inner=InnerConfig(train_batch_size=500),
-        hinv=HinvConfig(batch_size=500),
-        outer=OuterConfig(
-            use_flip=False,
-            direct_support_batch=500,
-            direct_real_batch=256,
-            implicit_batch_size=500,
-            do_precompute=True,
-            max_forward_batch_size=500,
-        ),
+        **_big_batch(500, use_flip=False, direct_real_batch=256),
     ),
     "depth_5": DistillConfig(
         preset="depth_5",
         steps=10000,
         model=ModelConfig(softplus_temp=0.0),
-        outer=OuterConfig(
-            l2_rate=0.05, direct_real_batch=256, do_precompute=True, max_forward_batch_size=256
-        ),
+        outer=_precomputed(256, l2_rate=0.05, direct_real_batch=256),
     ),
     # Embedded default for 8x8 digits on a laptop: depth 2 (8 -> 12 with the 1-channel
     # padding rule -> 6 -> 3), width 32, real batch 256, a 10-model pool, no flips
@@ -457,30 +454,8 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is int or tp is float:
+        return _coerce_number(tp, value, key)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -490,6 +465,20 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return _from_dict(tp, value, prefix=key + ".")
         raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _coerce_number(tp: type, value: Any, key: str) -> Any:
+    """An int or a float from a number or a numeric string; a bool is neither, and an int
+    takes a float only when it is integral."""
+    if not isinstance(value, bool):
+        if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+            return tp(value)
+        if isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
 
 
 def _from_dict(cls: Any, d: Mapping[str, Any], prefix: str) -> Any:
