@@ -34,6 +34,16 @@ def _problems(text: str) -> list[str]:
     return lines
 
 
+def _base(fields: str) -> str:
+    """A spec whose base is the digits dataset with `fields` added."""
+    return f"name: t\nbase: {{dataset: digits, {fields}}}\n"
+
+
+def _space(entry: str) -> str:
+    """GOOD with its one search-space entry replaced by `entry`."""
+    return GOOD.replace("outer.proto_lr: {grid: [0.003, 0.01]}", entry)
+
+
 # (case id, spec text, key path that must be named, words the message must contain)
 MALFORMED = [
     ("typo-top-key", GOOD + "max_concurent: 2\n", "max_concurent", "did you mean 'max_concurrent'"),
@@ -41,34 +51,16 @@ MALFORMED = [
     ("bad-name", GOOD.replace("name: t", "name: 'a b/c'"), "name", "not a valid name"),
     ("no-dataset", "name: t\nbase: {ipc: 1}\n", "base.dataset", "missing"),
     ("unknown-dataset", "name: t\nbase: {dataset: imagenet}\n", "base.dataset", "unknown dataset"),
-    ("ipc-zero", "name: t\nbase: {dataset: digits, ipc: 0}\n", "base.ipc", ">= 1"),
-    ("ipc-string", "name: t\nbase: {dataset: digits, ipc: ten}\n", "base.ipc", "integer"),
-    ("unknown-preset", "name: t\nbase: {dataset: digits, preset: depth_9}\n", "base.preset", "unknown preset"),
-    ("unknown-field", "name: t\nbase: {dataset: digits, overrides: {model.widht: 8}}\n",
-     "base.overrides.model.widht", "unknown config key 'widht'"),
-    ("wrong-type", "name: t\nbase: {dataset: digits, overrides: {steps: many}}\n",
-     "base.overrides.steps", "expected an integer"),
-    ("negative-steps", "name: t\nbase: {dataset: digits, overrides: {steps: -3}}\n",
-     "base.overrides.steps", ">= 0"),
+    ("ipc-zero", _base("ipc: 0"), "base.ipc", ">= 1"),
+    ("ipc-string", _base("ipc: ten"), "base.ipc", "integer"),
+    ("unknown-preset", _base("preset: depth_9"), "base.preset", "unknown preset"),
+    ("unknown-field", _base("overrides: {model.widht: 8}"), "base.overrides.model.widht", "unknown config key 'widht'"),
+    ("wrong-type", _base("overrides: {steps: many}"), "base.overrides.steps", "expected an integer"),
+    ("negative-steps", _base("overrides: {steps: -3}"), "base.overrides.steps", ">= 0"),
     ("eval-block", GOOD + "eval: {runs: 0}\n", "eval.runs", ">= 1"),
     ("eval-block-key", GOOD + "eval: {runz: 2}\n", "eval.runz", "unknown config key"),
-    ("dist-kind", GOOD.replace("{grid: [0.003, 0.01]}", "{normal: [0, 1]}"),
-     "search.space.outer.proto_lr", "expected one of"),
-    ("grid-empty", GOOD.replace("[0.003, 0.01]", "[]"), "search.space.outer.proto_lr.grid", "non-empty"),
-    ("grid-value", GOOD.replace("[0.003, 0.01]", "[0.003, fast]"),
-     "search.space.outer.proto_lr.grid[1]", "expected a number"),
-    ("uniform-order", GOOD.replace("{grid: [0.003, 0.01]}", "{uniform: [0.1, 0.01]}"),
-     "search.space.outer.proto_lr.uniform", "lo must be < hi"),
-    ("loguniform-zero", GOOD.replace("{grid: [0.003, 0.01]}", "{loguniform: [0, 0.01]}"),
-     "search.space.outer.proto_lr.loguniform", "lo must be > 0"),
-    ("uniform-int-field", GOOD.replace("outer.proto_lr: {grid: [0.003, 0.01]}", "model.width: {uniform: [8, 32]}"),
-     "search.space.model.width", "use randint or grid"),
-    ("randint-floats", GOOD.replace("outer.proto_lr: {grid: [0.003, 0.01]}", "seed: {randint: [0, 2.5]}"),
-     "search.space.seed.randint", "integers"),
-    ("search-unknown-field", GOOD.replace("outer.proto_lr", "outer.proto_rate"),
-     "search.space.outer.proto_rate", "unknown config key"),
-    ("algorithm", GOOD.replace("search: {space:", "search: {algorithm: bayes, space:"),
-     "search.algorithm", "unknown algorithm"),
+    ("algorithm", GOOD.replace("search: {space:", "search: {algorithm: bayes, space:"), "search.algorithm",
+     "unknown algorithm"),
     ("tpu-chips", GOOD + "resources: {cpu: 4, tpu: 3}\n", "resources.tpu", "one of [0, 1, 2, 4, 8]"),
     ("gpu-and-tpu", GOOD + "resources: {gpu: 1, tpu: 4}\n", "resources", "not both"),
     ("acc-type-alone", GOOD + "resources: {accelerator_type: A100}\n", "resources.accelerator_type", "needs resources.gpu"),
@@ -85,6 +77,17 @@ MALFORMED = [
     ("empty", "", "empty", "name"),
     ("list", "- a\n- b\n", "top level", "mapping"),
 ]
+# (case id, the search-space entry, key path below search.space, words)
+MALFORMED += [(case, _space(entry), "search.space." + key, words) for case, entry, key, words in [
+    ("dist-kind", "outer.proto_lr: {normal: [0, 1]}", "outer.proto_lr", "expected one of"),
+    ("grid-empty", "outer.proto_lr: {grid: []}", "outer.proto_lr.grid", "non-empty"),
+    ("grid-value", "outer.proto_lr: {grid: [0.003, fast]}", "outer.proto_lr.grid[1]", "expected a number"),
+    ("uniform-order", "outer.proto_lr: {uniform: [0.1, 0.01]}", "outer.proto_lr.uniform", "lo must be < hi"),
+    ("loguniform-zero", "outer.proto_lr: {loguniform: [0, 0.01]}", "outer.proto_lr.loguniform", "lo must be > 0"),
+    ("uniform-int-field", "model.width: {uniform: [8, 32]}", "model.width", "use randint or grid"),
+    ("randint-floats", "seed: {randint: [0, 2.5]}", "seed.randint", "integers"),
+    ("search-unknown-field", "outer.proto_rate: {grid: [0.003, 0.01]}", "outer.proto_rate", "unknown config key"),
+]]
 
 
 @pytest.mark.parametrize("text,key,words", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
