@@ -318,21 +318,32 @@ def _check_set(x: np.ndarray, y: np.ndarray, ds: Any, what: str) -> None:
         raise EvalError(f"{what}: images or labels contain NaN/inf")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    """The keywords `evaluate_set` and `evaluate_distilled` share: the §10 protocol `cfg`;
+    with `use_flip`, flipped copies appended; the networks' `width` and `depth` (None: from
+    the image side); `seed` of the run keys; `runs_per_group`, the runs trained at once
+    ("auto": `default_runs_per_group()`; None or 0: all)."""
+
+    use_flip: bool
+    cfg: EvalConfig
+    width: int
+    seed: int = 0
+    depth: int | None = None
+    runs_per_group: int | None | str = "auto"
+
+
 def evaluate_set(
     x_NHWC: np.ndarray,
     y_NC: np.ndarray,
     dataset: Any,
     *,
-    use_flip: bool,
-    cfg: EvalConfig,
-    width: int,
-    seed: int = 0,
-    depth: int | None = None,
-    runs_per_group: int | None | str = "auto",
     done: dict[int, dict[str, float]] | None = None,
     on_run: Callable[[int, dict[str, float]], None] | None = None,
+    **options: Any,
 ) -> dict:
-    """Evaluate one labelled set with the §10 protocol; `dataset` is a Dataset or its name.
+    """Evaluate one labelled set with the §10 protocol; `dataset` is a Dataset or its name,
+    `options` the `EvalOptions` (use_flip, cfg and width required).
 
     Returns {"accs": [...], "mean", "std" (population), "protocol", "steps", "runs",
     "val"}: test accuracy, and "val" the same networks' {"accs", "mean", "std"} on the
@@ -345,6 +356,8 @@ def evaluate_set(
         >>> 0.0 <= r["mean"] <= 1.0  # doctest: +SKIP
         True
     """
+    o = EvalOptions(**options)
+    cfg = o.cfg
     if cfg.protocol not in PROTOCOLS:
         raise EvalError(f"eval.protocol: expected one of {list(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.runs < 1:
@@ -356,10 +369,10 @@ def evaluate_set(
     n = x.shape[0]
     steps = int(cfg.steps) if cfg.steps else spec_steps(n)
     batch = None if n <= cfg.batch_size else cfg.batch_size
-    if use_flip:
+    if o.use_flip:
         x, y = with_flips(x, y)
     ops = parse_ops(cfg.aug) if cfg.protocol == "rcig" else ()
-    keys = run_keys(seed, cfg.runs)
+    keys = run_keys(o.seed, cfg.runs)
     scored = {"test": (ds.x_test, ds.y_test)}
     if getattr(ds, "x_val", None) is not None:
         scored["val"] = (ds.x_val, ds.y_val)
@@ -368,7 +381,7 @@ def evaluate_set(
         if 0 <= int(r) < cfg.runs and isinstance(a, dict) and set(scored) <= set(a):
             accs[int(r)] = {k: float(a[k]) for k in scored}
     todo = [r for r in range(cfg.runs) if accs[r] is None]
-    group = default_runs_per_group() if runs_per_group == "auto" else runs_per_group
+    group = default_runs_per_group() if o.runs_per_group == "auto" else o.runs_per_group
     group = len(todo) if not group else int(group)
     # Runs are independent (each has its own key), so finished ones can be skipped; the
     # groups are the ones `train_and_test` would form, so nothing changes when none are.
@@ -376,7 +389,7 @@ def evaluate_set(
         chunk = todo[g0 : g0 + group]
         got, _ = train_and_score(
             x, y, scored, keys[np.asarray(chunk)],
-            width=width, depth=depth, steps=steps, lr=cfg.lr, batch=batch, ops=ops,
+            width=o.width, depth=o.depth, steps=steps, lr=cfg.lr, batch=batch, ops=ops,
             test_batch=cfg.test_batch_size, runs_per_group=None,
         )
         for i, r in enumerate(chunk):
@@ -407,20 +420,10 @@ def baseline_set(dataset: Any, ipc: int, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 def evaluate_distilled(
-    x_NHWC: np.ndarray,
-    y_NC: np.ndarray,
-    dataset: Any,
-    *,
-    use_flip: bool,
-    cfg: EvalConfig,
-    width: int,
-    ipc: int,
-    seed: int = 0,
-    depth: int | None = None,
-    runs_per_group: int | None | str = "auto",
-    partial_uri: str | None = None,
+    x_NHWC: np.ndarray, y_NC: np.ndarray, dataset: Any, *, ipc: int, partial_uri: str | None = None, **options: Any
 ) -> dict:
     """Distilled set vs the random-real-subset baseline (if `cfg.baseline`): the eval.json dict.
+    Both sets are evaluated with `options`, the `EvalOptions` (use_flip, cfg and width required).
 
     Keys: mean, std, accs (test), val ({mean, std, accs} on the validation split, or None),
     val_mean, baseline ({mean, std, accs, val, val_mean} or None), split (the validation
@@ -435,15 +438,16 @@ def evaluate_distilled(
     """
     t0 = time.perf_counter()
     ds = _dataset(dataset)
-    common = dict(use_flip=use_flip, cfg=cfg, width=width, seed=seed, depth=depth,
-                  runs_per_group=runs_per_group)
+    o = EvalOptions(**options)
+    cfg = o.cfg
+    common = dict(vars(o))
     partial = _Partial(partial_uri, x_NHWC, y_NC, common | {"ipc": int(ipc), "dataset": getattr(ds, "name", None),
                                                               "split": getattr(ds, "split", None)})
     res = evaluate_set(x_NHWC, y_NC, ds, **common, done=partial.done("distilled"),
                        on_run=partial.recorder("distilled"))
     base = None
     if cfg.baseline:
-        xb, yb = baseline_set(ds, ipc, seed)
+        xb, yb = baseline_set(ds, ipc, o.seed)
         b = evaluate_set(xb, yb, ds, **common, done=partial.done("baseline"),
                          on_run=partial.recorder("baseline"))
         base = {"mean": b["mean"], "std": b["std"], "accs": b["accs"], "steps": b["steps"],
@@ -461,8 +465,8 @@ def evaluate_distilled(
         "ipc": int(ipc),
         "steps": res["steps"],
         "runs": cfg.runs,
-        "use_flip": bool(use_flip),
-        "width": int(width),
+        "use_flip": bool(o.use_flip),
+        "width": int(o.width),
         "wall_s": round(time.perf_counter() - t0, 3),
     }
 
