@@ -118,34 +118,27 @@ def test_gpu_launcher_has_spot_a100_and_h100_workers():
 
 
 @pytest.mark.parametrize(
-    "edit, expected",
+    "launcher, edit, expected",
     [
-        (lambda c: c["available_node_types"]["cpu_spot"].update(bogus_field=1), "bogus_field"),
-        (lambda c: c["available_node_types"]["cpu_spot"]["resources"].update(CPU="sixteen"),
+        # Ray's own schema
+        ("gpu", lambda c: c["available_node_types"]["cpu_spot"].update(bogus_field=1), "bogus_field"),
+        ("gpu", lambda c: c["available_node_types"]["cpu_spot"]["resources"].update(CPU="sixteen"),
          "available_node_types.cpu_spot.resources.CPU"),
-        (lambda c: c.update(head_node_type="nope"), "head_node_type"),
-    ],
-)
-def test_rays_validator_rejects_bad_fields(tmp_path, edit, expected):
-    path = _ready_copy(LAUNCHERS["gpu"], tmp_path, edit)
-    with pytest.raises(ClusterConfigError, match=re.escape(expected)):
-        cluster.check_cluster(path)
-
-
-@pytest.mark.parametrize(
-    "edit, expected",
-    [
-        (lambda c: c["available_node_types"]["tpu_v4_8"]["resources"].update(TPU=8),
+        ("gpu", lambda c: c.update(head_node_type="nope"), "head_node_type"),
+        # our checks, for what Ray's schema cannot catch
+        ("tpu", lambda c: c["available_node_types"]["tpu_v4_8"]["resources"].update(TPU=8),
          "tpu_v4_8.resources.TPU: declares 8 TPU chips but acceleratorType v4-8 has 4"),
-        (lambda c: c["available_node_types"]["tpu_v4_8"]["resources"].update({"accelerator_type:TPU-V5P": 1}),
+        ("tpu", lambda c: c["available_node_types"]["tpu_v4_8"]["resources"].update({"accelerator_type:TPU-V5P": 1}),
          "'accelerator_type:TPU-V5P' does not match acceleratorType v4-8"),
-        (lambda c: c["available_node_types"]["tpu_v4_8"].update(worker_setup_commands=["pip install x"]),
+        ("tpu", lambda c: c["available_node_types"]["tpu_v4_8"].update(worker_setup_commands=["pip install x"]),
          "tpu_v4_8.worker_setup_commands: replaces the global setup_commands"),
-        (lambda c: c.update(head_node_type="tpu_v4_8"), "head node cannot be a TPU VM"),
+        ("tpu", lambda c: c.update(head_node_type="tpu_v4_8"), "head node cannot be a TPU VM"),
     ],
+    ids=["ray-bogus-field", "ray-cpu-type", "ray-head-type",
+         "tpu-chips", "tpu-accelerator-type", "tpu-setup-commands", "tpu-head"],
 )
-def test_our_checks_catch_what_rays_schema_cannot(tmp_path, edit, expected):
-    path = _ready_copy(LAUNCHERS["tpu"], tmp_path, edit)
+def test_check_cluster_rejects_bad_fields(tmp_path, launcher, edit, expected):
+    path = _ready_copy(LAUNCHERS[launcher], tmp_path, edit)
     with pytest.raises(ClusterConfigError, match=re.escape(expected)):
         cluster.check_cluster(path)
 
