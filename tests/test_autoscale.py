@@ -13,6 +13,7 @@ back down); full sweeps run on the CPU type.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -58,6 +59,29 @@ def _types(c) -> list[str]:
     return sorted(n["type"] for n in c.workers())
 
 
+@contextlib.contextmanager
+def _sampling(sample, every_s: float = 0.2):
+    """Calls `sample()` every `every_s` seconds in a thread while the block runs; its
+    errors are ignored (nodes vanish between calls, the sweep folder appears during the run)."""
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                sample()
+            except Exception:  # noqa: BLE001 - see the docstring
+                pass
+            time.sleep(every_s)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        done.set()
+        th.join(timeout=5)
+
+
 @pytest.mark.parametrize("sets, why", [
     (["resources.tpu=8", "resources.accelerator_type=TPU-V4"], "TPU': 8.0"),  # too many chips
     (["resources.tpu=4", "resources.accelerator_type=TPU-V5LITEPOD"], "accelerator_type:TPU-V5LITEPOD"),
@@ -101,30 +125,19 @@ def test_cpu_sweep_scales_from_zero_keeps_max_concurrent_and_scales_down(cluster
     seen: dict[str, str] = {}      # node id -> node type, while the sweep runs
     busy: list[int] = []           # trials running at once, sampled
     first_step: dict = {}
-    done = threading.Event()
 
-    def watch():
-        while not done.is_set():
-            try:
-                for n in cluster.workers():
-                    seen[n["id"]] = n["type"]
-                recs = mf.read_records(str(sweep))
-                busy.append(sum(1 for r in recs if r.history and r.history[-1].get("outcome") is None))
-                if "t" not in first_step and any(r.step is not None for r in recs):
-                    first_step["t"] = time.time()
-            except Exception:  # noqa: BLE001 - the folder appears during the run
-                pass
-            time.sleep(0.2)
+    def sample():
+        for n in cluster.workers():
+            seen[n["id"]] = n["type"]
+        recs = mf.read_records(str(sweep))
+        busy.append(sum(1 for r in recs if r.history and r.history[-1].get("outcome") is None))
+        if "t" not in first_step and any(r.step is not None for r in recs):
+            first_step["t"] = time.time()
 
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    t0 = time.time()
-    try:
+    with _sampling(sample):
+        t0 = time.time()
         out = launch(QUICKSTART, storage_uri=str(tmp_path), name="asweep", address=cluster.address,
                      shared_storage=True, sets=TINY + ["max_concurrent=2", "search.space.seed={grid: [0, 1, 2]}"])
-    finally:
-        done.set()
-        th.join(timeout=5)
     wall = time.time() - t0
     assert out.counts == {mf.COMPLETED: 3}, out
     recs = mf.read_records(out.sweep_uri)
@@ -159,24 +172,9 @@ def test_accelerator_host_sweep_scales_its_type_from_zero_and_back(cluster, tmp_
     there, finishes, and the node goes after. JAX runs on the host's CPU: no TPU chips here."""
     wait_for(lambda: not cluster.workers(), 60 + IDLE_S, "no worker nodes")
     seen: dict[str, str] = {}
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            try:
-                seen.update({n["id"]: n["type"] for n in cluster.workers()})
-            except Exception:  # noqa: BLE001 - a node may vanish between calls
-                pass
-            time.sleep(0.2)
-
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    try:
+    with _sampling(lambda: seen.update({n["id"]: n["type"] for n in cluster.workers()})):
         out = launch(QUICKSTART, storage_uri=str(tmp_path), name="accsweep", address=cluster.address,
                      shared_storage=True, sets=TINY + ["search.space={}", "resources.custom={TPU-v4-8-head: 1}"])
-    finally:
-        done.set()
-        th.join(timeout=5)
     assert out.counts == {mf.COMPLETED: 1}, out
     rec = mf.read_records(out.sweep_uri)[0]
     assert rec.history and all(seen.get(h["node_id"]) == "tpu_worker" for h in rec.history), (rec.history, seen)
