@@ -33,6 +33,11 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _failed(*checks: tuple[str, bool, str]) -> list[tuple[str, str]]:
+    """(key, message) of each check (key, whether it holds, message) that does not hold."""
+    return [(key, msg) for key, holds, msg in checks if not holds]
+
+
 # ---- distributions of a search-space entry ------------------------------------------
 @dataclass(frozen=True)
 class Distribution:
@@ -185,16 +190,12 @@ class AshaOptions:
     max_t: int | None = None
 
     def problems(self) -> list[tuple[str, str]]:
-        out = []
-        if not self.metric:
-            out.append(("metric", "must name an intermediate metric such as outer/loss"))
-        if self.grace_period < 1:
-            out.append(("grace_period", f"must be >= 1, got {self.grace_period}"))
-        if self.reduction_factor <= 1:
-            out.append(("reduction_factor", f"must be a number > 1, got {self.reduction_factor}"))
-        if self.max_t is not None and self.max_t < 1:
-            out.append(("max_t", f"must be >= 1, got {self.max_t}"))
-        return out
+        return _failed(
+            ("metric", bool(self.metric), "must name an intermediate metric such as outer/loss"),
+            ("grace_period", self.grace_period >= 1, f"must be >= 1, got {self.grace_period}"),
+            ("reduction_factor", self.reduction_factor > 1, f"must be a number > 1, got {self.reduction_factor}"),
+            ("max_t", self.max_t is None or self.max_t >= 1, f"must be >= 1, got {self.max_t}"),
+        )
 
 
 def _asha_trial_problems(opts: AshaOptions, steps: Sequence[int]) -> list[tuple[str, str]]:
@@ -278,18 +279,14 @@ class PbtOptions:
     synch: bool = False
 
     def problems(self) -> list[tuple[str, str]]:
-        out = []
-        if not self.metric:
-            out.append(("metric", "must name an intermediate metric such as val/acc"))
-        if self.perturbation_interval < 1:
-            out.append(("perturbation_interval", f"must be >= 1, got {self.perturbation_interval}"))
-        if self.burn_in < 0:
-            out.append(("burn_in", f"must be >= 0, got {self.burn_in}"))
-        if not 0 < self.quantile_fraction <= 0.5:
-            out.append(("quantile_fraction", f"must be in (0, 0.5], got {self.quantile_fraction}"))
-        if not 0 <= self.resample_probability <= 1:
-            out.append(("resample_probability", f"must be in [0, 1], got {self.resample_probability}"))
-        return out
+        return _failed(
+            ("metric", bool(self.metric), "must name an intermediate metric such as val/acc"),
+            ("perturbation_interval", self.perturbation_interval >= 1, f"must be >= 1, got {self.perturbation_interval}"),
+            ("burn_in", self.burn_in >= 0, f"must be >= 0, got {self.burn_in}"),
+            ("quantile_fraction", 0 < self.quantile_fraction <= 0.5, f"must be in (0, 0.5], got {self.quantile_fraction}"),
+            ("resample_probability", 0 <= self.resample_probability <= 1,
+             f"must be in [0, 1], got {self.resample_probability}"),
+        )
 
 
 def pbt_mutations(opts: PbtOptions, space: Mapping[str, Any]) -> list[str]:
