@@ -239,15 +239,21 @@ def _interrupt(address: str, tmp_path, name: str, sig: int):
     return box["out"], rec, sweep / "trials" / rec.key, seen.step or 0
 
 
+def _interrupted_then_completed(address: str, tmp_path, name: str, sig: int):
+    """`_interrupt` of a trial that must then complete; return (record, trial folder, step
+    it was signalled at, its first attempt, its last attempt)."""
+    from orchestrator import manifest as mf
+
+    out, rec, run, signalled_at = _interrupt(address, tmp_path, name, sig)
+    assert out.counts == {mf.COMPLETED: 1}, out
+    return rec, run, signalled_at, rec.history[0], rec.history[-1]
+
+
 @fault_tests
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sigkill_of_one_host_stops_the_trial_which_resumes_elsewhere(cluster, steady, tmp_path):
-    from orchestrator import manifest as mf
-
-    out, rec, run, _ = _interrupt(cluster.address, tmp_path, "killed", signal.SIGKILL)
-    assert out.counts == {mf.COMPLETED: 1}, out
-    first, last = rec.history[0], rec.history[-1]
+    rec, run, _, first, last = _interrupted_then_completed(cluster.address, tmp_path, "killed", signal.SIGKILL)
     assert rec.attempts == 2 and rec.failures == 1 and first["outcome"] == "failed", rec.history
     assert "host 1's worker was killed by signal 9" in rec.errors[0]["traceback"], rec.errors
     assert last["outcome"] == "completed" and last["start_step"] >= 4  # resumed, not restarted
@@ -258,11 +264,8 @@ def test_sigkill_of_one_host_stops_the_trial_which_resumes_elsewhere(cluster, st
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sigterm_to_one_host_checkpoints_that_step_and_resumes(cluster, steady, tmp_path):
-    from orchestrator import manifest as mf
-
-    out, rec, run, signalled_at = _interrupt(cluster.address, tmp_path, "noticed", signal.SIGTERM)
-    assert out.counts == {mf.COMPLETED: 1}, out
-    first, last = rec.history[0], rec.history[-1]
+    rec, run, signalled_at, first, last = _interrupted_then_completed(cluster.address, tmp_path, "noticed",
+                                                                      signal.SIGTERM)
     assert rec.attempts == 2 and rec.preemptions == 1 and rec.failures == 0, rec.history
     assert first["outcome"] == "preempted"
     # Both hosts stopped at the step they were on and committed it (not the last periodic
