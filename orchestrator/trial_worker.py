@@ -130,6 +130,7 @@ def main(argv: list[str]) -> int:
             if dist is not None:  # every host of the trial joins before the first computation
                 with phase("connect", abortable=True):
                     initialize(dist)
+                    stop.reclaim_signals()  # JAX's preemption notifier took SIGTERM
                     import jax
 
                     devices = jax.devices()

@@ -375,6 +375,14 @@ class StopControl:
         _ACTIVE = self
         return self
 
+    def reclaim_signals(self) -> None:
+        """Take the stop signals back from native code that replaced our handlers (the
+        preemption notifier of `jax.distributed.initialize` installs its own for SIGTERM;
+        a notice it swallows would never reach the step loop's collective stop flag)."""
+        if threading.current_thread() is threading.main_thread():
+            for s in self._previous:
+                signal.signal(s, self._handle)
+
     def restore(self) -> None:
         global _ACTIVE
         self._done.set()
