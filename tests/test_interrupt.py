@@ -73,6 +73,18 @@ class Proc:
             self._q.put(line)
         self._q.put(None)
 
+    def __enter__(self) -> "Proc":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL, if the process is still running."""
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
     @property
     def log(self) -> str:
         return "".join(self.lines)[-6000:]
@@ -97,8 +109,7 @@ class Proc:
         try:
             rc = self.p.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
+            self.kill()
             raise AssertionError(f"still running 60 s after SIGTERM:\n{self.log}") from None
         self._t.join(timeout=10)
         return rc, time.monotonic() - t0
@@ -107,26 +118,25 @@ class Proc:
         try:
             rc = self.p.wait(timeout=timeout)
         finally:
-            if self.p.poll() is None:
-                self.p.kill()
-                self.p.wait()
+            self.kill()
         self._t.join(timeout=10)
         return rc
 
 
 def stop_in_phase(cmd: list[str], env: dict, phase: str, after_s: float = 1.0) -> tuple[int, float, str]:
     """Start `cmd`, SIGTERM it `after_s` into `phase`; (rc, seconds to exit, output)."""
-    p = Proc(cmd, env)
-    try:
+    with Proc(cmd, env) as p:
         p.wait_for(f"[phase] {phase}")
         time.sleep(after_s)
         assert p.p.poll() is None, f"exited before the signal:\n{p.log}"
         rc, took = p.stop()
-    finally:
-        if p.p.poll() is None:
-            p.p.kill()
-            p.p.wait()
     return rc, took, p.log
+
+
+def assert_stopped_in_time(rc: int, took: float, log: str) -> None:
+    """The exit of a stopped run: code 75, within STOP_WITHIN_S of the SIGTERM."""
+    assert rc == 75, log
+    assert took < STOP_WITHIN_S, f"{took:.1f} s from SIGTERM to exit"
 
 
 def run(cmd: list[str], env: dict) -> tuple[int, str]:
@@ -144,11 +154,18 @@ def stopped_in_tune(tmp_path_factory, env):
     return out, stopped, (rc2, log2)
 
 
+def copy_of_tuned_run(stopped_in_tune, dest: Path) -> Path:
+    """`dest`: a copy of the `stopped_in_tune` run, finished without evaluation."""
+    done, _, (rc0, log0) = stopped_in_tune
+    assert rc0 == 0, log0
+    shutil.copytree(done, dest)
+    return dest
+
+
 @pytest.mark.slow
 def test_sigterm_during_lr_search_exits_75_within_10_s(stopped_in_tune):
     out, stopped, (rc2, log2) = stopped_in_tune
-    assert stopped["rc"] == 75, stopped["log"]
-    assert stopped["took"] < STOP_WITHIN_S, f"{stopped['took']:.1f} s from SIGTERM to exit"
+    assert_stopped_in_time(stopped["rc"], stopped["took"], stopped["log"])
     assert "stopped by SIGTERM during tune" in stopped["log"]
     assert "tuning.json" not in stopped["files"] and "checkpoints" not in stopped["files"]
     # nothing was tuned yet: the rerun searches, then runs to the end
@@ -164,8 +181,7 @@ def test_sigterm_during_first_compile_keeps_tuning(tmp_path, env):
     out = tmp_path / "run"
     cmd = distill_cmd(out, "--no-eval", "--set", "outer.ema_decay=0.98")
     rc, took, log = stop_in_phase(cmd, env, "compile")
-    assert rc == 75, log
-    assert took < STOP_WITHIN_S, f"{took:.1f} s from SIGTERM to exit"
+    assert_stopped_in_time(rc, took, log)
     assert "stopped by SIGTERM during compile" in log
     tuning = json.loads((out / "tuning.json").read_text())
     assert not (out / "metrics.jsonl").read_text().strip()
@@ -205,15 +221,11 @@ def test_sigterm_during_first_compile_keeps_tuning(tmp_path, env):
 
 @pytest.mark.slow
 def test_sigterm_during_eval_resumes_the_eval_not_the_distillation(stopped_in_tune, env, tmp_path):
-    done, _, (rc0, log0) = stopped_in_tune
-    assert rc0 == 0, log0
-    out = tmp_path / "run"
-    shutil.copytree(done, out)
+    out = copy_of_tuned_run(stopped_in_tune, tmp_path / "run")
     metrics_before = (out / "metrics.jsonl").read_bytes()
     npz_before = (out / "distilled.npz").read_bytes()
 
-    p = Proc(distill_cmd(out), env)
-    try:
+    with Proc(distill_cmd(out), env) as p:
         p.wait_for("[phase] eval")
         partial = out / "eval.partial.json"
         deadline = time.time() + RUN_TIMEOUT_S
@@ -223,12 +235,7 @@ def test_sigterm_during_eval_resumes_the_eval_not_the_distillation(stopped_in_tu
             assert p.p.poll() is None, p.log
             time.sleep(0.05)
         rc, took = p.stop()
-    finally:
-        if p.p.poll() is None:
-            p.p.kill()
-            p.p.wait()
-    assert rc == 75, p.log
-    assert took < STOP_WITHIN_S, f"{took:.1f} s from SIGTERM to exit"
+    assert_stopped_in_time(rc, took, p.log)
     assert "stopped by SIGTERM during eval" in p.log and "already complete at step" in p.log
     assert not (out / "eval.json").exists()
     kept = json.loads(partial.read_text())
@@ -253,10 +260,7 @@ def test_sigterm_during_eval_resumes_the_eval_not_the_distillation(stopped_in_tu
 
 @pytest.mark.slow
 def test_trial_worker_stopped_outside_the_loop_exits_75_and_reports_the_checkpoint(stopped_in_tune, env, tmp_path):
-    done, _, (rc0, log0) = stopped_in_tune
-    assert rc0 == 0, log0
-    out = tmp_path / "trial"
-    shutil.copytree(done, out)
+    out = copy_of_tuned_run(stopped_in_tune, tmp_path / "trial")
     from rcig.config import DistillConfig
 
     cfg = json.loads((out / "config.json").read_text())
@@ -268,18 +272,13 @@ def test_trial_worker_stopped_outside_the_loop_exits_75_and_reports_the_checkpoi
         p = Proc([sys.executable, "-m", "orchestrator.trial_worker", str(job), str(w)], env, pass_fds=(w,))
     finally:
         os.close(w)
-    try:
+    with p:
         p.wait_for("[phase] eval")
         time.sleep(0.5)
         rc, took = p.stop()
-    finally:
-        if p.p.poll() is None:
-            p.p.kill()
-            p.p.wait()
     with os.fdopen(r) as f:
         events = [json.loads(line) for line in f if line.strip()]
-    assert rc == 75, p.log
-    assert took < STOP_WITHIN_S, f"{took:.1f} s from SIGTERM to exit"
+    assert_stopped_in_time(rc, took, p.log)
     results = [e for e in events if e.get("event") == "result"]
     assert len(results) == 1, events
     assert results[0]["status"] == "preempted" and results[0]["checkpoint_step"] == N_STEPS
