@@ -317,7 +317,7 @@ def _pbt_spec_problems(opts: PbtOptions, raw: Mapping[str, Any], cfg: Any) -> li
                     f"{', '.join(PBT_MUTABLE)}"))
     for k in keys:
         if k not in space:
-            out.append((f"scheduler.mutations", f"{k} is not a search.space key; PBT perturbs "
+            out.append(("scheduler.mutations", f"{k} is not a search.space key; PBT perturbs "
                         f"searched fields only"))
         elif k in _STATE_HELD:
             out.append((f"search.space.{k}", f"a checkpoint holds this rate ({_STATE_HELD[k]}, "

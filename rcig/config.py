@@ -408,7 +408,6 @@ def _set_path(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
             f"{full_key}: unknown config key {head!r} in {type(obj).__name__}; "
             f"known: {', '.join(sorted(names))}"
         )
-    f = names[head]
     hints = typing.get_type_hints(type(obj))
     if len(path) == 1:
         if dataclasses.is_dataclass(hints[head]) and not isinstance(value, Mapping):
@@ -604,7 +603,6 @@ def run_differences(a: "DistillConfig | Mapping[str, Any]", b: "DistillConfig | 
         >>> run_differences(a, apply_overrides(a, ["steps=5"]), resume=True)
         []
     """
-    global _DEFAULTS
     ia, ib = run_identity(a), run_identity(b)
     assert _DEFAULTS is not None
     missing = object()

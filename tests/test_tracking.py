@@ -161,7 +161,7 @@ def test_resume_logs_to_the_same_runs(tracked):
     from the manifest and both trials, finished or stopped, report again (adopted)."""
     from orchestrator.sweep import resume
 
-    out, strong, weak = tracked.out, tracked.strong, tracked.weak
+    out, strong = tracked.out, tracked.strong
     # Through Ray's state: Tune.restore brings back the callbacks pickled at launch (the
     # MLflow one with the launch's URI); resume swaps in fresh ones (here: another URI).
     from ray import tune
