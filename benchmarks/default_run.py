@@ -131,8 +131,9 @@ def main(argv=None) -> dict:
     if t:
         print(f"LR search: inner {t['inner']:.3g}, H-solve {t['hvp']:.3g}, {t['probes']} probes, capped {t['capped']}")
     e = rec["eval"]
-    print(f"eval: distilled {e['mean']:.4f} ± {e['std']:.4f} vs random {e['baseline_mean']:.4f} ± {e['baseline_std']:.4f} "
-          f"(gap {rec['gap_points']:+.1f} points); loop {rec['loop_used']}; load {rec['load_avg_1m']}")
+    vs = (f" vs random {e['baseline_mean']:.4f} ± {e['baseline_std']:.4f} (gap {rec['gap_points']:+.1f} points)"
+          if rec["gap_points"] is not None else " (no baseline)")
+    print(f"eval: distilled {e['mean']:.4f} ± {e['std']:.4f}{vs}; loop {rec['loop_used']}; load {rec['load_avg_1m']}")
     out = Path(opts.out or Path(__file__).parent / "results" / f"cpu_default_run_{opts.label}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1, default=float) + "\n")
